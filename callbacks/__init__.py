@@ -1,0 +1,1 @@
+"""Callbacks that decide *when* things happen during training."""

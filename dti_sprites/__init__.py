@@ -1,0 +1,1 @@
+"""DTI-Sprites: unsupervised layered image decomposition into object prototypes."""
