@@ -1,1 +1,20 @@
-"""Callbacks that decide *when* things happen during training."""
+"""Callbacks that decide *when* things happen during training; they call small public model
+methods and keep their counters in ``state_dict()`` so a resumed run continues exactly."""
+
+from dti_sprites.callbacks.curriculum import Curriculum
+from dti_sprites.callbacks.dashboard import SpriteDashboard
+from dti_sprites.callbacks.freeze import SpriteFreeze
+from dti_sprites.callbacks.lr_drops import LRDrops
+from dti_sprites.callbacks.predictions import PredictionWriter
+from dti_sprites.callbacks.reassignment import SpriteReassignment
+from dti_sprites.callbacks.run_dir import run_dir
+
+__all__ = [
+    "Curriculum",
+    "LRDrops",
+    "PredictionWriter",
+    "SpriteDashboard",
+    "SpriteFreeze",
+    "SpriteReassignment",
+    "run_dir",
+]

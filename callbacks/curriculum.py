@@ -1,0 +1,64 @@
+"""Curriculum: switch transformation modules on one by one at given epochs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+from jsonargparse.typing import NonNegativeInt
+
+
+class Curriculum(L.Callback):
+    """Activates the modules of each transformation sequence at epoch milestones.
+
+    For a sequence of n modules with m milestones, the first n − m modules are on from the
+    start and milestone i switches on module n − m + i. E.g. colour→projective→tps with
+    ``[100, 350]`` starts with colour, adds projective at epoch 100 and tps at 350; a lone
+    ``similarity`` with ``[20]`` is off until epoch 20. Nothing is frozen when a module switches
+    on. The stage is a function of the epoch, so a resumed run continues exactly.
+
+    Args:
+        layer: milestones of the layer transformation sequence.
+        sprite: milestones of the sprite transformation sequence.
+        background: milestones of the background transformation sequence.
+    """
+
+    def __init__(
+        self,
+        layer: list[NonNegativeInt] | None = None,
+        sprite: list[NonNegativeInt] | None = None,
+        background: list[NonNegativeInt] | None = None,
+    ) -> None:
+        self.milestones = {
+            "layer": sorted(layer or []),
+            "sprite": sorted(sprite or []),
+            "background": sorted(background or []),
+        }
+        self.n_active: dict[str, int] = {}
+
+    def stage(self, n_modules: int, milestones: list[int], epoch: int) -> int:
+        """Active modules at ``epoch``."""
+        return n_modules - len(milestones) + sum(m <= epoch for m in milestones)
+
+    def apply(self, pl_module: L.LightningModule, epoch: int) -> None:
+        for group, sequence in pl_module.model.transform_groups().items():
+            milestones = self.milestones[group]
+            if len(milestones) > len(sequence):
+                raise ValueError(
+                    f"Curriculum.{group}: {len(milestones)} milestones for a sequence of "
+                    f"{len(sequence)} modules {sequence.names}"
+                )
+            self.n_active[group] = self.stage(len(sequence), milestones, epoch)
+            sequence.set_active(self.n_active[group])
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.apply(pl_module, trainer.current_epoch)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.apply(pl_module, trainer.current_epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"milestones": self.milestones, "n_active": dict(self.n_active)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.n_active = dict(state_dict["n_active"])

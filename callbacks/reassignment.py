@@ -1,0 +1,104 @@
+"""Reassignment of unused sprites (SPEC §5)."""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+import lightning as L
+import torch
+from jsonargparse.typing import NonNegativeFloat, PositiveInt
+
+from dti_sprites.optim import copy_optimizer_state
+
+
+class SpriteReassignment(L.Callback):
+    """Every ``every_n_steps`` steps, replaces rarely used sprites by a copy of the most used.
+
+    Usage is the share of layer choices per sprite since the last check, pooled over all layers
+    and summed over all DDP ranks, so every rank takes the same decision. A sprite is unused
+    when its usage is below ``threshold / K0`` — relative to the most used sprite when the
+    model has an empty sprite, absolute otherwise. The copy takes the appearance (plus
+    N(0, ``noise_std``²) noise drawn from a generator seeded by ``seed`` and the step, identical
+    on every rank), the mask, every transformation head of the sprite, and the optimizer state
+    (cloned). Nothing happens while sprites are frozen.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: PositiveInt = 100,
+        threshold: NonNegativeFloat = 0.2,
+        noise_std: NonNegativeFloat = 1e-4,
+        seed: int = 0,
+    ) -> None:
+        self.every_n_steps = every_n_steps
+        self.threshold = threshold
+        self.noise_std = noise_std
+        self.seed = seed
+        self.counts: torch.Tensor | None = None
+        self.steps = 0  # training steps since the last check
+        self.events: list[dict[str, int]] = []  # {"step", "src", "dst"}
+
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        model = pl_module.model
+        k0 = model.sprites.n_sprites
+        if self.counts is None:
+            self.counts = torch.zeros(k0, dtype=torch.long)
+        choice = outputs["sprite_choice"].detach().flatten().cpu()
+        self.counts += torch.bincount(choice[choice >= 0], minlength=k0)
+        self.steps += 1
+        if self.steps < self.every_n_steps:
+            return
+        counts = trainer.strategy.reduce(self.counts.to(pl_module.device).float(), "sum").cpu()
+        self.counts.zero_()
+        self.steps = 0
+        if bool(model.sprites_frozen) or counts.sum() == 0:
+            return
+        events = self.reassign(pl_module, trainer.optimizers[0], counts, trainer.global_step)
+        self.events += events
+        pl_module.log("train/reassigned", float(len(events)), reduce_fx="sum")
+
+    def unused(self, counts: torch.Tensor, empty_sprite: bool) -> list[int]:
+        """Sprites whose usage is under the threshold. counts (K0,)"""
+        usage = counts / (counts.max() if empty_sprite else counts.sum())
+        return [k for k in range(len(counts)) if usage[k] < self.threshold / len(counts)]
+
+    def reassign(
+        self,
+        pl_module: L.LightningModule,
+        optimizer: torch.optim.Optimizer,
+        counts: torch.Tensor,
+        step: int,
+    ) -> list[dict[str, int]]:
+        model = pl_module.model
+        src = int(counts.argmax())
+        events = []
+        for dst in self.unused(counts, model.sprites.empty_sprite):
+            generator = torch.Generator().manual_seed(
+                zlib.crc32(f"{self.seed}/{step}/{dst}".encode())
+            )
+            shape = model.sprites.appearance.shape[1:]
+            noise = torch.randn(shape, generator=generator, dtype=torch.float64) * self.noise_std
+            pairs = model.copy_sprite(src, dst, noise)
+            copy_optimizer_state(optimizer, pairs)
+            events.append({"step": step, "src": src, "dst": dst})
+        return events
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "counts": None if self.counts is None else self.counts.clone(),
+            "steps": self.steps,
+            "events": list(self.events),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.counts = state_dict["counts"]
+        self.steps = state_dict["steps"]
+        self.events = list(state_dict["events"])

@@ -1,0 +1,18 @@
+"""Where a run's files go."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+
+
+def run_dir(trainer: L.Trainer) -> Path:
+    """The run folder: ``<save_dir>/<name>/<version>`` of the first logger (the folder whose
+    ``checkpoints/`` Lightning's ModelCheckpoint uses), or ``default_root_dir`` without one."""
+    logger = trainer.logger
+    if logger is None:
+        return Path(trainer.default_root_dir)
+    save_dir = logger.save_dir if logger.save_dir is not None else trainer.default_root_dir
+    version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+    return Path(save_dir) / str(logger.name) / version

@@ -1,0 +1,83 @@
+"""Image encoders: CIFAR-style ResNet-32 and torchvision's ResNet-18, with adaptive pooling."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+
+EncoderName = Literal["resnet32", "resnet18"]
+
+
+class BasicBlock(nn.Module):
+    """3×3 conv → BN → ReLU → 3×3 conv → BN, plus a (projected) shortcut, then ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.shortcut = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
+                nn.BatchNorm2d(out_channels),
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """ResNet for small images (He et al. 2016, §4.2): 3 stages of 16/32/64 channels.
+
+    ``blocks_per_stage`` = 5 gives ResNet-32. (B, 3, H, W) -> feature map (B, 64, H/4, W/4).
+    """
+
+    def __init__(self, blocks_per_stage: int = 5, in_channels: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU()
+        )
+        stages, channels = [], 16
+        for width, stride in ((16, 1), (32, 2), (64, 2)):
+            for i in range(blocks_per_stage):
+                stages.append(BasicBlock(channels, width, stride if i == 0 else 1))
+                channels = width
+        self.stages = nn.Sequential(*stages)
+        self.out_channels = channels
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.stages(self.stem(x))
+
+
+class Encoder(nn.Module):
+    """Backbone + adaptive average pooling to ``pool``×``pool`` + flatten.
+
+    (B, 3, H, W) -> (B, F) with F = channels · pool² (ResNet-32: 64·pool², ResNet-18: 512·pool²).
+    No pretrained weights are ever loaded.
+    """
+
+    def __init__(self, name: EncoderName = "resnet32", pool: int = 1) -> None:
+        super().__init__()
+        if name == "resnet32":
+            self.backbone: nn.Module = CifarResNet(blocks_per_stage=5)
+            channels = 64
+        elif name == "resnet18":
+            resnet = torchvision.models.resnet18(weights=None)
+            self.backbone = nn.Sequential(*list(resnet.children())[:-2])  # drop avgpool and fc
+            channels = 512
+        else:
+            raise ValueError(f"unknown encoder {name!r}; expected 'resnet32' or 'resnet18'")
+        self.pool = nn.AdaptiveAvgPool2d(pool)
+        self.out_features = channels * pool * pool
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.pool(self.backbone(x)).flatten(1)  # (B, F)

@@ -1,0 +1,453 @@
+"""DTISprites: an image → layers of transformed sprites over a background.
+
+Shapes: B batch, L layers, K sprites incl. the empty one (K0 learned), M backgrounds,
+C = 3 channels, H×W image, h×w sprite canvas, F encoder features, P transformation parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+from torch import Tensor, nn
+
+from dti_sprites.compose import (
+    Occlusion,
+    OcclusionMode,
+    compose,
+    greedy_select,
+    label_maps,
+)
+from dti_sprites.encoders import Encoder, EncoderName
+from dti_sprites.sprites import BackgroundInit, Backgrounds, SpriteBank, softclip
+from dti_sprites.transforms import TRANSFORM_NAMES, GroupedMLP, TransformName, TransformSequence
+
+ParamSlice = tuple[nn.Parameter, tuple[int | slice, ...]]
+
+
+@dataclass
+class Decomposition:
+    """What the model explains an image batch with.
+
+    Attributes:
+        reconstruction: (B, C, H, W) composite of the selected sprites and background.
+        layers: (B, L, C+1, H, W) RGBA of the selected sprite of each layer (zeros if empty).
+        background: (B, C, H, W) the selected, transformed background.
+        occlusion: (B, L+1, L+1) occ[j, i], how much layer j hides layer i (0 = background).
+        sprite_choice: (B, L) int64 sprite index per layer, −1 for the empty sprite.
+        background_choice: (B,) int64 background index.
+        mse: (B,) per-image reconstruction error (differentiable).
+        params: parameters of the selected transformations, e.g. ``layer/position`` (B, L, 3),
+            ``sprite/similarity`` (B, L, 4), ``background/color`` (B, 6).
+    """
+
+    reconstruction: Tensor
+    layers: Tensor
+    background: Tensor
+    occlusion: Tensor
+    sprite_choice: Tensor
+    background_choice: Tensor
+    mse: Tensor
+    params: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def n_nonempty(self) -> Tensor:
+        """Non-empty sprites per image. (B,)"""
+        return (self.sprite_choice >= 0).sum(1)
+
+    def instance(self) -> Tensor:
+        """Instance labels (B, H, W): 0 = background, l + 1 = layer l (SPEC §9)."""
+        return label_maps(self.layers[:, :, -1:], self.occlusion)
+
+    def semantic(self) -> Tensor:
+        """Semantic labels (B, H, W): 0 = background, k + 1 = sprite k."""
+        instance = self.instance()
+        classes = torch.cat([torch.full_like(self.sprite_choice[:, :1], -1), self.sprite_choice], 1)
+        return torch.gather(classes, 1, instance.flatten(1)).view_as(instance) + 1
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The arrays of ``predictions.h5`` (uint8 images, numpy, on the CPU).
+
+        ``reconstruction`` (B,H,W,3) uint8, ``instance`` (B,H,W) uint8 (0 = background, l+1 =
+        layer l), ``semantic`` (B,H,W) uint8 (0 = background, k+1 = sprite k), ``layers``
+        (B,L,H,W,4) uint8 RGBA, ``sprite_choice`` (B,L) int16 (−1 = empty).
+        """
+
+        def to_uint8(x: Tensor) -> np.ndarray:
+            return (x.detach().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+
+        return {
+            "reconstruction": to_uint8(self.reconstruction.permute(0, 2, 3, 1)),  # (B, H, W, 3)
+            "instance": self.instance().to(torch.uint8).cpu().numpy(),
+            "semantic": self.semantic().to(torch.uint8).cpu().numpy(),
+            "layers": to_uint8(self.layers.permute(0, 1, 3, 4, 2)),  # (B, L, H, W, 4)
+            "sprite_choice": self.sprite_choice.to(torch.int16).cpu().numpy(),
+        }
+
+    def instance_fg(self, image: Tensor) -> Tensor:
+        """Instance labels with predicted-background pixels given to the best-fitting layer.
+
+        Used for ARI-FG: a pixel labelled background goes to the non-empty layer whose colour
+        is closest to the input there. image (B, C, H, W) -> (B, H, W) in 1..L.
+        """
+        instance = self.instance()
+        dist = (self.layers[:, :, :-1] - image[:, None]).pow(2).sum(2)  # (B, L, H, W)
+        empty = (self.sprite_choice < 0)[..., None, None]
+        dist = dist.masked_fill(empty, float("inf"))
+        return torch.where(instance > 0, instance, dist.argmin(1) + 1)
+
+
+class DTISprites(nn.Module):
+    """The layered sprite model of DTI-Sprites (Monnier et al., ICCV 2021).
+
+    Multi-object mode (``n_layers`` > 1) selects one sprite per layer by greedy coordinate
+    descent; single-object mode (``n_layers`` = 1) takes the best of all sprite × background
+    candidates. Selection runs without gradients over all candidates; only the selected
+    sprites are rendered with gradients (same gradients as rendering all).
+
+    Args:
+        image_size: H = W of the images.
+        n_sprites: K0, learned sprites.
+        n_layers: L, sprite layers.
+        n_backgrounds: M; 0 means a fixed black background.
+        sprite_size: h = w of the sprite canvas (≤ image_size).
+        mask_std: std of the Gaussian mask initialisation, in pixels.
+        empty_sprite: add the empty sprite as a candidate.
+        encoder: ``resnet32`` (CIFAR-style, small images) or ``resnet18``.
+        pool: adaptive pooling size of the encoder output (F = channels · pool²).
+        layer_transforms: per-layer transformation, shared by the sprites of a layer.
+        sprite_transforms: per (layer, sprite) transformation, applied before the layer's.
+        background_transforms: per-background transformation.
+        occlusion: ``fixed`` (higher layer in front) or ``predicted``.
+        greedy_passes: passes of the greedy selection over the layers.
+        empty_penalty: λ, the cost of a non-empty sprite in the selection.
+        mask_noise: amplitude of the uniform noise added to warped masks in training.
+        sprite_init: initial value of the sprite appearances.
+        background_init: ``constant``, ``noise``, or data-dependent ``mean`` / ``sample``.
+        background_value: value of the ``constant`` background init.
+        hidden: width of the transformation and occlusion heads.
+    """
+
+    def __init__(
+        self,
+        image_size: PositiveInt = 35,
+        n_sprites: PositiveInt = 19,
+        n_layers: PositiveInt = 3,
+        n_backgrounds: NonNegativeInt = 0,
+        sprite_size: PositiveInt = 24,
+        mask_std: PositiveFloat = 5.0,
+        empty_sprite: bool = False,
+        encoder: EncoderName = "resnet32",
+        pool: PositiveInt = 1,
+        layer_transforms: Sequence[TransformName] = ("color", "position"),
+        sprite_transforms: Sequence[TransformName] = (),
+        background_transforms: Sequence[TransformName] = (),
+        occlusion: OcclusionMode = "fixed",
+        greedy_passes: PositiveInt = 1,
+        empty_penalty: NonNegativeFloat = 1e-4,
+        mask_noise: NonNegativeFloat = 0.4,
+        sprite_init: float = 0.9,
+        background_init: BackgroundInit = "constant",
+        background_value: float = 0.5,
+        hidden: PositiveInt = 128,
+    ) -> None:
+        config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        super().__init__()
+        self._check(config)
+        # Plain init arguments, stored in checkpoints so a model can be rebuilt without a config.
+        self.config = {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
+        size, canvas = (image_size, image_size), (sprite_size, sprite_size)
+        self.image_size, self.n_layers = image_size, n_layers
+        self.greedy_passes, self.empty_penalty, self.mask_noise = (
+            greedy_passes,
+            empty_penalty,
+            mask_noise,
+        )
+        self.encoder = Encoder(encoder, pool)
+        n_features = self.encoder.out_features
+        self.sprites = SpriteBank(n_sprites, canvas, mask_std, empty_sprite, sprite_init)
+        self.backgrounds = Backgrounds(n_backgrounds, size, background_init, background_value)
+        self.layer_transforms = TransformSequence(
+            layer_transforms, n_layers, n_features, canvas, size, hidden
+        )
+        self.sprite_transforms = TransformSequence(
+            sprite_transforms, n_layers * n_sprites, n_features, canvas, canvas, hidden
+        )
+        self.background_transforms = TransformSequence(
+            background_transforms if n_backgrounds else (),
+            max(n_backgrounds, 1),
+            n_features,
+            size,
+            size,
+            hidden,
+        )
+        n_pairs = n_layers * (n_layers - 1) // 2
+        head = GroupedMLP(1, n_features, n_pairs, hidden) if occlusion == "predicted" else None
+        self.occlusion = Occlusion(n_layers, occlusion, head if n_pairs else None)
+        self.register_buffer("sprites_frozen", torch.tensor(False))
+
+    @staticmethod
+    def _check(args: dict) -> None:
+        """Reject inconsistent hyper-parameters, naming the key."""
+        if args["n_sprites"] < 1:
+            raise ValueError(f"n_sprites must be >= 1, got {args['n_sprites']}")
+        if args["empty_penalty"] < 0:
+            raise ValueError(f"empty_penalty (λ) must be >= 0, got {args['empty_penalty']}")
+        if args["sprite_size"] > args["image_size"]:
+            raise ValueError(
+                f"sprite_size ({args['sprite_size']}) must not exceed "
+                f"image_size ({args['image_size']})"
+            )
+        for key in ("layer_transforms", "sprite_transforms", "background_transforms"):
+            for name in args[key]:
+                if name not in TRANSFORM_NAMES:
+                    raise ValueError(
+                        f"{key}: unknown transformation {name!r}; expected one of {TRANSFORM_NAMES}"
+                    )
+        if "position" in args["sprite_transforms"] or "position" in args["background_transforms"]:
+            raise ValueError("'position' is a layer transformation (canvas → image) only")
+        if args["sprite_size"] != args["image_size"] and "position" not in args["layer_transforms"]:
+            raise ValueError(
+                "layer_transforms needs 'position' when sprite_size != image_size "
+                f"({args['sprite_size']} != {args['image_size']})"
+            )
+        if args["occlusion"] == "predicted" and args["n_layers"] < 2:
+            raise ValueError("occlusion='predicted' needs n_layers >= 2")
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, map_location: str = "cpu") -> DTISprites:
+        """Rebuild a trained model from a training checkpoint (no config needed)."""
+        checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+        if "dti_sprites_model" not in checkpoint:
+            raise ValueError(f"{path}: not a dti-sprites training checkpoint")
+        model = cls(**checkpoint["dti_sprites_model"])
+        prefix = "model."
+        state = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items()
+                 if k.startswith(prefix)}  # fmt: skip
+        model.load_state_dict(state)
+        return model.eval()
+
+    # ----------------------------------------------------------------------------- schedule
+    @property
+    def n_candidates(self) -> int:
+        """K, sprites incl. the empty one."""
+        return self.sprites.n_candidates
+
+    def freeze_sprites(self, frozen: bool) -> None:
+        """Frozen sprites get no gradient; the empty sprite is no candidate and λ is off."""
+        self.sprites_frozen.fill_(frozen)
+
+    def transform_groups(self) -> dict[str, TransformSequence]:
+        """The three transformation sequences, by the names the curriculum uses."""
+        return {
+            "layer": self.layer_transforms,
+            "sprite": self.sprite_transforms,
+            "background": self.background_transforms,
+        }
+
+    def sprite_slices(self, k: int) -> list[ParamSlice]:
+        """Every parameter slice that belongs to sprite k: appearance, mask, and its heads."""
+        slices: list[ParamSlice] = [(self.sprites.appearance, (k,)), (self.sprites.mask, (k,))]
+        k0 = self.sprites.n_sprites
+        for head in self.sprite_transforms.heads:
+            for param in (*head.weights, *head.biases):
+                slices += [(param, (layer * k0 + k,)) for layer in range(self.n_layers)]
+        return slices
+
+    @torch.no_grad()
+    def copy_sprite(self, src: int, dst: int, noise: Tensor) -> list[tuple[ParamSlice, ParamSlice]]:
+        """Replace sprite ``dst`` by a copy of ``src`` (appearance + ``noise`` (C, h, w)).
+
+        Returns the (source, destination) slice pairs, for copying optimizer state too.
+        """
+        pairs = list(zip(self.sprite_slices(src), self.sprite_slices(dst), strict=True))
+        for (param, i_src), (_, i_dst) in pairs:
+            param[i_dst] = param[i_src]
+        self.sprites.appearance[dst] += noise.to(self.sprites.appearance)
+        return pairs
+
+    # ------------------------------------------------------------------------------ forward
+    def candidate_penalty(self) -> Tensor:
+        """λ per candidate (K,): λ for sprites, 0 for the empty one (inf while frozen)."""
+        k0 = self.sprites.n_sprites
+        frozen = bool(self.sprites_frozen)
+        penalty = torch.full((self.n_candidates,), 0.0 if frozen else self.empty_penalty)
+        if self.sprites.empty_sprite:
+            penalty[k0] = float("inf") if frozen else 0.0
+        return penalty.to(self.sprites_frozen.device)
+
+    def _canvases(self) -> Tensor:
+        """Sprite canvases (K, C+2, h, w): RGB, mask, and a support channel (0 for empty)."""
+        appearance, mask = self.sprites()
+        if bool(self.sprites_frozen):
+            appearance, mask = appearance.detach(), mask.detach()
+        support = torch.ones_like(mask)
+        if self.sprites.empty_sprite:
+            support[-1] = 0
+        return torch.cat([appearance, mask, support], dim=1)
+
+    def _render(
+        self,
+        canvas: Tensor,
+        sprite_params: list[Tensor | None],
+        layer_params: list[Tensor | None],
+        noise: Tensor | None,
+    ) -> tuple[Tensor, Tensor]:
+        """Sprite then layer transformations, then mask noise.
+
+        canvas (N, S, C+2, h, w); sprite_params per module (N·S, P); layer_params per module
+        (N, P); noise broadcastable to (N, S, 1, H, W) or None.
+        Returns rgb (N, S, C, H, W) and alpha (N, S, 1, H, W).
+        """
+        n, s = canvas.shape[:2]
+        if len(self.sprite_transforms):
+            flat = canvas.reshape(n * s, 1, *canvas.shape[2:])  # (N·S, 1, C+2, h, w)
+            canvas = self.sprite_transforms(flat, sprite_params).view(n, s, *canvas.shape[2:])
+        out = self.layer_transforms(canvas, layer_params)  # (N, S, C+2, H, W)
+        rgb, alpha, support = out.split([out.shape[2] - 2, 1, 1], dim=2)
+        if noise is not None:
+            alpha = softclip(alpha + noise * support)
+        return rgb, alpha
+
+    def _render_backgrounds(
+        self, b: int, params: list[Tensor | None], index: Tensor | None = None
+    ) -> Tensor:
+        """Transformed backgrounds: all (B, M, C, H, W), or the chosen ones (B, 1, C, H, W).
+
+        params: per module (B, M, P) or None; index: (B,) chosen background or None.
+        """
+        images = self.backgrounds()  # (M, C, H, W)
+        if index is None:
+            stack = images[None].expand(b, -1, -1, -1, -1)  # (B, M, C, H, W)
+            params = [None if p is None else p.flatten(0, 1) for p in params]  # (B·M, P)
+        else:
+            stack = images[index][:, None]  # (B, 1, C, H, W)
+            rows = torch.arange(b, device=index.device)
+            params = [None if p is None else p[rows, index] for p in params]  # (B, P)
+        if not len(self.background_transforms):
+            return stack
+        n, m = stack.shape[:2]
+        flat = stack.reshape(n * m, 1, *stack.shape[2:])  # (B·M, 1, C, H, W)
+        return self.background_transforms(flat, params).view(stack.shape)
+
+    def forward(self, image: Tensor) -> Decomposition:
+        """Decompose a batch (B, C, H, W) in [0, 1]."""
+        b = len(image)
+        n_layers, k0 = self.n_layers, self.sprites.n_sprites
+        features = self.encoder(image)  # (B, F)
+        occ = self.occlusion(features)  # (B, L+1, L+1)
+        layer_p = [
+            None if p is None else p.reshape(b * n_layers, -1)
+            for p in self.layer_transforms.predict(features)
+        ]  # (B·L, P) each
+        sprite_p = self.sprite_transforms.predict(features)  # (B, L·K0, P) each
+        bg_p = self.background_transforms.predict(features)  # (B, M, P) each
+        canvases = self._canvases()  # (K, C+2, h, w)
+        noise = None
+        if self.training and self.mask_noise > 0:
+            noise = torch.empty(
+                len(canvases),
+                1,
+                self.image_size,
+                self.image_size,
+                dtype=image.dtype,
+                device=image.device,
+            )
+            noise.uniform_(-self.mask_noise, self.mask_noise)  # (K, 1, H, W)
+
+        with torch.no_grad():
+            cand_canvas = canvases[:k0].expand(b * n_layers, -1, -1, -1, -1)  # (B·L, K0, C+2, h, w)
+            flat_sprite_p = [
+                None if p is None else p.reshape(b * n_layers * k0, -1) for p in sprite_p
+            ]
+            rgb, alpha = self._render(
+                cand_canvas, flat_sprite_p, layer_p, None if noise is None else noise[None, :k0]
+            )  # (B·L, K0, C, H, W), (B·L, K0, 1, H, W)
+            if self.sprites.empty_sprite:
+                rgb = torch.cat([rgb, torch.zeros_like(rgb[:, :1])], 1)
+                alpha = torch.cat([alpha, torch.zeros_like(alpha[:, :1])], 1)
+            rgb = rgb.view(b, n_layers, *rgb.shape[1:])  # (B, L, K, C, H, W)
+            alpha = alpha.view(b, n_layers, *alpha.shape[1:])  # (B, L, K, 1, H, W)
+            backgrounds = self._render_backgrounds(b, bg_p)  # (B, M, C, H, W)
+            penalty = self.candidate_penalty().to(image.dtype)
+            if n_layers == 1:
+                choice, bg_choice = exhaustive_select(
+                    image, rgb[:, 0], alpha[:, 0], backgrounds, penalty
+                )
+                choice = choice[:, None]
+            else:
+                choice, bg_choice = greedy_select(
+                    image, rgb, alpha, backgrounds, occ, self.greedy_passes, penalty
+                )
+            del rgb, alpha, backgrounds
+
+        # Render only the selected sprites and background, with gradients. (B·L,)
+        flat_choice = choice.flatten()
+        batch = torch.arange(b * n_layers, device=image.device)
+        head_index = (batch % n_layers) * k0 + flat_choice.clamp(max=k0 - 1)  # (B·L,)
+        picked_sprite_p = [
+            None if p is None else p[batch // n_layers, head_index] for p in sprite_p
+        ]  # (B·L, P) each
+        sel_rgb, sel_alpha = self._render(
+            canvases[flat_choice][:, None],  # (B·L, 1, C+2, h, w)
+            picked_sprite_p,
+            layer_p,
+            None if noise is None else noise[flat_choice][:, None],
+        )
+        sel_rgb = sel_rgb.view(b, n_layers, *sel_rgb.shape[2:])  # (B, L, C, H, W)
+        sel_alpha = sel_alpha.view(b, n_layers, *sel_alpha.shape[2:])  # (B, L, 1, H, W)
+        background = self._render_backgrounds(b, bg_p, bg_choice)[:, 0]  # (B, C, H, W)
+
+        all_rgb = torch.cat([background[:, None], sel_rgb], 1)  # (B, L+1, C, H, W)
+        all_alpha = torch.cat([torch.ones_like(sel_alpha[:, :1]), sel_alpha], 1)
+        recon = compose(all_rgb, all_alpha, occ)
+        mse = (recon - image).pow(2).flatten(1).mean(1)
+
+        empty = flat_choice.view(b, n_layers) >= k0
+        params = self._selected_params(layer_p, picked_sprite_p, bg_p, bg_choice, b)
+        return Decomposition(
+            reconstruction=recon,
+            layers=torch.cat([sel_rgb, sel_alpha], 2),
+            background=background,
+            occlusion=occ,
+            sprite_choice=choice.masked_fill(empty, -1),
+            background_choice=bg_choice,
+            mse=mse,
+            params=params,
+        )
+
+    def _selected_params(self, layer_p, sprite_p, bg_p, bg_choice, b) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        groups = (
+            ("layer", self.layer_transforms, layer_p),
+            ("sprite", self.sprite_transforms, sprite_p),
+        )
+        for group, seq, params in groups:
+            for name, p in zip(seq.names, params, strict=True):
+                if p is not None:
+                    out[f"{group}/{name}"] = p.detach().view(b, self.n_layers, -1)
+        batch = torch.arange(b, device=bg_choice.device)
+        for name, p in zip(self.background_transforms.names, bg_p, strict=True):
+            if p is not None:
+                out[f"background/{name}"] = p.detach()[batch, bg_choice]
+        return out
+
+
+def exhaustive_select(
+    image: Tensor, rgb: Tensor, alpha: Tensor, backgrounds: Tensor, penalty: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Single-object selection: the best (sprite, background) pair over all K·M candidates.
+
+    image (B, C, H, W), rgb (B, K, C, H, W), alpha (B, K, 1, H, W), backgrounds (B, M, C, H, W),
+    penalty (K,). Returns sprite (B,) and background (B,) choices.
+    """
+    front = (alpha * rgb)[:, :, None]  # (B, K, 1, C, H, W)
+    recon = front + (1 - alpha[:, :, None]) * backgrounds[:, None]  # (B, K, M, C, H, W)
+    err = (image[:, None, None] - recon).pow(2).flatten(3).mean(3) + penalty[:, None]  # (B,K,M)
+    best = err.flatten(1).argmin(1)
+    m = backgrounds.shape[1]
+    return best // m, best % m

@@ -1,0 +1,147 @@
+"""The LightningModule: objective, logging, optimizer groups. Schedules live in callbacks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat
+from torch import Tensor
+
+from dti_sprites.model import Decomposition, DTISprites
+
+
+class DTISpritesModule(L.LightningModule):
+    """Trains a :class:`DTISprites` model.
+
+    The objective is the paper's: reconstruction MSE of the selected composition plus
+    λ × the mean number of non-empty sprites per image. Given the selection the penalty is a
+    constant, so only the MSE carries gradients; both terms are logged.
+
+    Args:
+        model: the layered sprite model.
+        lr: Adam learning rate of both parameter groups.
+        weight_decay: weight decay of the network group (the prototype group has none).
+        encoder_lr_multiplier: scales the encoder's learning rate (1 = the paper's setting).
+        init_images: training images averaged for a ``mean`` background init.
+    """
+
+    def __init__(
+        self,
+        model: DTISprites,
+        lr: PositiveFloat = 1e-4,
+        weight_decay: NonNegativeFloat = 1e-6,
+        encoder_lr_multiplier: PositiveFloat = 1.0,
+        init_images: NonNegativeInt = 100,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["model"])
+        self.model = model
+        k0 = model.sprites.n_sprites
+        self.register_buffer("usage", torch.zeros(k0, dtype=torch.long), persistent=False)
+
+    # ------------------------------------------------------------------------------- setup
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None:
+            return
+        data_size = tuple(getattr(datamodule, "image_size", ()))
+        model_size = (self.model.image_size, self.model.image_size)
+        if data_size and data_size != model_size:
+            raise ValueError(
+                f"model.init_args.model.init_args.image_size is {self.model.image_size} but the "
+                f"data ({type(datamodule).__name__}) has images of size {data_size}"
+            )
+        backgrounds = self.model.backgrounds
+        if stage == "fit" and not bool(backgrounds.initialised) and self.hparams.init_images:
+            backgrounds.init_from_images(datamodule.init_images(self.hparams.init_images))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["dti_sprites_model"] = self.model.config  # see DTISprites.from_checkpoint
+
+    # ---------------------------------------------------------------------------- training
+    def forward(self, image: Tensor) -> Decomposition:
+        return self.model(image)
+
+    def objective(self, out: Decomposition) -> dict[str, Tensor]:
+        """Loss terms of a batch: ``mse`` (the loss), ``penalty`` and their sum ``objective``."""
+        mse = out.mse.mean()
+        penalty = self.model.empty_penalty * out.n_nonempty.to(mse.dtype).mean()
+        return {"mse": mse, "penalty": penalty, "objective": mse + penalty.detach()}
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        out = self.model(batch["image"])
+        terms = self.objective(out)
+        if not torch.isfinite(terms["mse"]):
+            raise FloatingPointError(
+                f"non-finite training loss ({terms['mse'].item()}) at global step "
+                f"{self.global_step}, epoch {self.current_epoch}"
+            )
+        self.log_dict({f"train/{k}": v for k, v in terms.items()}, prog_bar=True, sync_dist=True)
+        choice = out.sprite_choice
+        self.usage += torch.bincount(choice[choice >= 0], minlength=len(self.usage))
+        return {"loss": terms["mse"], "sprite_choice": choice.detach()}
+
+    def on_train_epoch_end(self) -> None:
+        usage = self.trainer.strategy.reduce(self.usage.float(), reduce_op="sum")
+        share = usage / usage.sum().clamp(min=1)
+        self.log_dict({f"usage/sprite_{k}": v for k, v in enumerate(share)}, sync_dist=False)
+        self.usage.zero_()
+
+    # -------------------------------------------------------------------------- evaluation
+    def _protocol(self, dataloader_idx: int) -> str:
+        protocols = getattr(getattr(self.trainer, "datamodule", None), "eval_protocols", None)
+        return protocols[dataloader_idx] if protocols else f"set{dataloader_idx}"
+
+    def _eval_step(self, stage: str, batch: dict[str, Tensor], dataloader_idx: int) -> None:
+        out = self.model(batch["image"])
+        terms = self.objective(out)
+        protocol = self._protocol(dataloader_idx)
+        self.log_dict(
+            {f"{stage}/{protocol}/{k}": v for k, v in terms.items()},
+            sync_dist=True,
+            add_dataloader_idx=False,
+        )
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0):
+        self._eval_step("val", batch, dataloader_idx)
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0):
+        self._eval_step("test", batch, dataloader_idx)
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0):
+        """The arrays of predictions.h5 for this batch (see ``Decomposition.to_arrays``)."""
+        arrays = self.model(batch["image"]).to_arrays()
+        if "index" in batch:
+            arrays["index"] = batch["index"].cpu().numpy().astype("int64")
+        return arrays
+
+    # ---------------------------------------------------------------------------- optimizer
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Prototypes (sprites, masks, backgrounds; no weight decay) and networks."""
+        model = self.model
+        prototypes = [model.sprites.appearance, model.sprites.mask]
+        if model.backgrounds.image is not None:
+            prototypes.append(model.backgrounds.image)
+        encoder = list(model.encoder.parameters())
+        taken = {id(p) for p in prototypes + encoder}
+        heads = [p for p in model.parameters() if id(p) not in taken]
+        lr, wd = self.hparams.lr, self.hparams.weight_decay
+        groups = [
+            {"name": "prototypes", "params": prototypes, "lr": lr, "weight_decay": 0.0},
+            {"name": "networks", "params": heads, "lr": lr, "weight_decay": wd},
+        ]
+        if self.hparams.encoder_lr_multiplier == 1.0:
+            groups[1]["params"] = encoder + heads
+        else:
+            lr_encoder = lr * self.hparams.encoder_lr_multiplier
+            groups.append({"name": "encoder", "params": encoder, "lr": lr_encoder,
+                           "weight_decay": wd})  # fmt: skip
+        return groups
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        groups = self.parameter_groups()
+        for group in groups:
+            group["initial_lr"] = group["lr"]  # base of the LR drops (kept in checkpoints)
+        return torch.optim.Adam(groups)
