@@ -1,0 +1,199 @@
+import pytest
+import torch
+
+from dti_sprites.compose import compose
+from dti_sprites.model import DTISprites
+from dti_sprites.transforms import GroupedMLP
+
+# Small versions of the paper's configurations (SPEC §7).
+CONFIGS = {
+    "tetrominoes": dict(image_size=20, n_sprites=4, n_layers=3, n_backgrounds=0, sprite_size=12,
+                        mask_std=3),
+    "multidsprites": dict(image_size=16, n_sprites=3, n_layers=3, n_backgrounds=1, sprite_size=10,
+                          mask_std=3, empty_sprite=True, pool=2, sprite_transforms=["similarity"],
+                          background_transforms=["color"], occlusion="predicted", greedy_passes=3),
+    "clevr6": dict(image_size=16, n_sprites=3, n_layers=3, n_backgrounds=2, sprite_size=10,
+                   mask_std=3, empty_sprite=True, encoder="resnet18", pool=2,
+                   sprite_transforms=["projective"], background_transforms=["color"],
+                   occlusion="predicted", greedy_passes=2, background_init="mean"),
+    "gtsrb8": dict(image_size=12, n_sprites=3, n_layers=1, n_backgrounds=1, sprite_size=12,
+                   mask_std=3, layer_transforms=[],
+                   sprite_transforms=["color", "projective", "tps"],
+                   background_transforms=["color", "projective", "tps"]),
+}  # fmt: skip
+
+
+def randomise_heads(model):
+    """Break the zero init of the last layers (and the identical sprites) so that every
+    parameter can get a gradient."""
+    torch.manual_seed(0)
+    model.sprites.appearance.data.uniform_()
+    for module in model.modules():
+        if isinstance(module, GroupedMLP):
+            module.weights[-1].data.normal_(0, 0.05)
+            module.biases[-1].data.normal_(0, 0.05)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_every_parameter_gets_a_gradient_and_nothing_is_nan(name):
+    torch.manual_seed(0)
+    model = DTISprites(**CONFIGS[name], empty_penalty=0.0).train()
+    randomise_heads(model)
+    # Enough images that every sprite is chosen somewhere (its heads then get a gradient).
+    x = torch.rand(24, 3, model.image_size, model.image_size)
+    out = model(x)
+    for value in (out.reconstruction, out.layers, out.background, out.mse):
+        assert torch.isfinite(value).all()
+    out.mse.mean().backward()
+    used = set(out.sprite_choice[out.sprite_choice >= 0].tolist())
+    assert used == set(range(model.sprites.n_sprites)), "test needs every sprite used"
+    for pname, p in model.named_parameters():
+        assert p.grad is not None, pname
+        assert torch.isfinite(p.grad).all(), pname
+        assert p.grad.abs().sum() > 0, pname
+
+
+@pytest.mark.usefixtures("float64")
+@pytest.mark.parametrize("name", ["tetrominoes", "multidsprites", "gtsrb8"])
+def test_selected_rendering_has_the_gradients_of_rendering_every_candidate(name):
+    torch.manual_seed(1)
+    model = DTISprites(**CONFIGS[name]).double().eval()  # eval: no mask noise, BN fixed
+    randomise_heads(model)
+    x = torch.rand(5, 3, model.image_size, model.image_size)
+    out = model(x)
+    out.mse.sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+
+    # Reference: render every candidate with gradients, then select with one-hot weights.
+    b, n_layers, k0 = len(x), model.n_layers, model.sprites.n_sprites
+    features = model.encoder(x)
+    occ = model.occlusion(features)
+    layer_p = [p.reshape(b * n_layers, -1) for p in model.layer_transforms.predict(features)]
+    sprite_p = [p.reshape(b * n_layers * k0, -1) for p in model.sprite_transforms.predict(features)]
+    canvases = model._canvases()
+    rgb, alpha = model._render(
+        canvases[:k0].expand(b * n_layers, -1, -1, -1, -1), sprite_p, layer_p, None
+    )  # (B·L, K0, C, H, W)
+    choice = out.sprite_choice.flatten()
+    onehot = torch.nn.functional.one_hot(choice.clamp(min=0), k0).to(x) * (choice >= 0)[:, None]
+    sel_rgb = (onehot[..., None, None, None] * rgb).sum(1).view(b, n_layers, 3, *x.shape[2:])
+    sel_alpha = (onehot[..., None, None, None] * alpha).sum(1).view(b, n_layers, 1, *x.shape[2:])
+    bgs = model._render_backgrounds(b, model.background_transforms.predict(features))
+    bg_onehot = torch.nn.functional.one_hot(out.background_choice, bgs.shape[1]).to(x)
+    background = (bg_onehot[..., None, None, None] * bgs).sum(1)
+    recon = compose(
+        torch.cat([background[:, None], sel_rgb], 1),
+        torch.cat([torch.ones_like(sel_alpha[:, :1]), sel_alpha], 1),
+        occ,
+    )
+    torch.testing.assert_close(recon, out.reconstruction)
+    (recon - x).pow(2).flatten(1).mean(1).sum().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], msg=n)
+
+
+def test_frozen_sprites_get_no_gradient_and_empty_is_no_candidate():
+    torch.manual_seed(0)
+    model = DTISprites(**CONFIGS["multidsprites"], empty_penalty=10.0).train()
+    x = torch.rand(6, 3, 16, 16)
+    model.freeze_sprites(True)
+    out = model(x)
+    assert (out.sprite_choice >= 0).all()  # λ off, empty excluded
+    out.mse.mean().backward()
+    assert model.sprites.appearance.grad is None and model.sprites.mask.grad is None
+    model.freeze_sprites(False)
+    out = model(x)
+    assert (out.sprite_choice == -1).all()  # λ = 10 makes every sprite too expensive
+
+
+def test_copy_sprite_copies_appearance_mask_and_heads():
+    torch.manual_seed(0)
+    model = DTISprites(**CONFIGS["multidsprites"])
+    randomise_heads(model)
+    with torch.no_grad():
+        model.sprites.appearance.normal_()
+        model.sprites.mask.normal_()
+    noise = torch.full(model.sprites.appearance.shape[1:], 0.5)
+    before = {id(p): p.detach().clone() for p, _ in model.sprite_slices(0)}
+    pairs = model.copy_sprite(src=0, dst=2, noise=noise)
+    assert len(pairs) == 2 + model.n_layers * 6  # appearance, mask, 6 head tensors per layer
+    torch.testing.assert_close(model.sprites.appearance[2], model.sprites.appearance[0] + 0.5)
+    torch.testing.assert_close(model.sprites.mask[2], model.sprites.mask[0])
+    head = model.sprite_transforms.heads[0]
+    for layer in range(model.n_layers):
+        torch.testing.assert_close(head.weights[1][layer * 3 + 2], head.weights[1][layer * 3])
+    # The source is untouched.
+    for p, idx in model.sprite_slices(0):
+        torch.testing.assert_close(p[idx], before[id(p)][idx])
+
+
+def test_mask_noise_only_inside_the_support_and_only_in_training():
+    torch.manual_seed(0)
+    model = DTISprites(**CONFIGS["tetrominoes"])
+    x = torch.rand(4, 3, 20, 20)
+    model.eval()
+    a, b = model(x), model(x)
+    torch.testing.assert_close(a.reconstruction, b.reconstruction)
+    model.train()
+    noisy = model(x).layers[:, :, 3]  # (B, L, H, W)
+    model.mask_noise = 0.0
+    clean = model(x).layers[:, :, 3]
+    support = PositionSupport.of(model, x)
+    assert (noisy - clean)[~support].abs().max() == 0
+    assert (noisy - clean)[support].abs().max() > 0.05
+
+
+class PositionSupport:
+    @staticmethod
+    def of(model, x):
+        """Where the warped canvas of each layer lands (B, L, H, W), from a canvas of ones."""
+        features = model.encoder(x)
+        params = [p.reshape(-1, p.shape[-1]) for p in model.layer_transforms.predict(features)]
+        ones = torch.ones(
+            len(params[0]), 1, 4, model.sprites.mask.shape[-1], model.sprites.mask.shape[-1]
+        )
+        warped = model.layer_transforms(ones, params)[:, 0, 3]
+        return warped.view(len(x), model.n_layers, *x.shape[2:]) > 0
+
+
+def test_decomposition_label_maps_follow_choices():
+    torch.manual_seed(0)
+    model = DTISprites(**CONFIGS["tetrominoes"]).eval()
+    with torch.no_grad():
+        model.sprites.mask.fill_(1.0)  # opaque square sprites
+    x = torch.rand(3, 3, 20, 20)
+    out = model(x)
+    instance, semantic = out.instance(), out.semantic()
+    # Same translation for every layer at init: the front layer (L) covers the canvas area.
+    assert set(instance.unique().tolist()) == {0, model.n_layers}
+    front = out.sprite_choice[:, -1]
+    for b in range(3):
+        assert torch.equal(semantic[b][instance[b] > 0].unique(), front[b : b + 1] + 1)
+    assert (semantic[instance == 0] == 0).all()
+    fg = out.instance_fg(x)
+    assert (fg >= 1).all() and torch.equal(fg[instance > 0], instance[instance > 0])
+    arrays = out.to_arrays()
+    assert arrays["reconstruction"].dtype.name == "uint8" and arrays["layers"].shape == (
+        3,
+        3,
+        20,
+        20,
+        4,
+    )
+    assert arrays["sprite_choice"].dtype.name == "int16"
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "match"),
+    [
+        ("n_sprites", 0, "n_sprites"),
+        ("empty_penalty", -1.0, "empty_penalty"),
+        ("sprite_size", 40, "sprite_size"),
+        ("layer_transforms", ["color", "warp"], "layer_transforms"),
+    ],
+)
+def test_bad_hyper_parameters_name_the_key(key, value, match):
+    config = dict(CONFIGS["tetrominoes"], **{key: value})
+    with pytest.raises(ValueError, match=match):
+        DTISprites(**config)

@@ -1,0 +1,134 @@
+import pytest
+import torch
+
+from dti_sprites.sprites import softclip
+from dti_sprites.transforms import (
+    ColorTransform,
+    GroupedMLP,
+    PositionTransform,
+    TransformSequence,
+    make_transform,
+)
+
+pytestmark = pytest.mark.usefixtures("float64")
+SIZE = (12, 12)
+
+
+def stack(n=2, s=3, c=5, size=SIZE):
+    return torch.rand(n, s, c, *size)
+
+
+@pytest.mark.parametrize("name", ["color", "similarity", "affine", "projective", "tps"])
+def test_identity_at_zero_parameters(name):
+    t = make_transform(name, SIZE, SIZE).double()
+    x = stack()
+    y = t(x, torch.zeros(len(x), t.n_params))
+    torch.testing.assert_close(y, x, atol=1e-12, rtol=0)
+
+
+def test_position_at_zero_places_canvas_at_half_size_centred():
+    canvas = torch.rand(2, 1, 4, 8, 8)
+    t = PositionTransform((16, 16))
+    y = t(canvas, torch.zeros(2, 3))
+    torch.testing.assert_close(y[..., 4:12, 4:12], canvas, atol=1e-12, rtol=0)
+    outside = y.clone()
+    outside[..., 4:12, 4:12] = 0
+    assert outside.abs().max() == 0
+
+
+def test_position_scale_never_exceeds_image():
+    canvas = torch.ones(1, 1, 1, 8, 8)
+    y = PositionTransform((16, 16))(canvas, torch.tensor([[-30.0, 0.0, 0.0]]))
+    # e^s → 0: the canvas covers (almost) the whole image, never more.
+    assert y[0, 0, 0, 1:-1, 1:-1].min() > 0.99
+
+
+@pytest.mark.parametrize("name", ["similarity", "affine", "projective"])
+def test_known_translation(name):
+    x = stack()
+    n = len(x)
+    shift = 3  # pixels: output(i) = input(i + shift) along x
+    tx = 2 * shift / SIZE[1]
+    params = torch.zeros(n, make_transform(name, SIZE, SIZE).n_params)
+    params[:, {"similarity": 2, "affine": 2, "projective": 2}[name]] = tx
+    y = make_transform(name, SIZE, SIZE)(x, params)
+    torch.testing.assert_close(y[..., :, :-shift], x[..., :, shift:], atol=1e-12, rtol=0)
+    assert y[..., :, -shift:].abs().max() < 1e-12  # zero padding
+
+
+def test_tps_uniform_displacement_is_a_translation():
+    x = stack()
+    shift = 2
+    params = torch.zeros(len(x), 16, 2)
+    params[..., 1] = 2 * shift / SIZE[0]  # every control point moves down by `shift` pixels
+    y = make_transform("tps", SIZE, SIZE)(x, params.view(len(x), 32))
+    torch.testing.assert_close(y[..., :-shift, :], x[..., shift:, :], atol=1e-9, rtol=0)
+
+
+def test_similarity_quarter_turn_is_rot90():
+    x = stack()
+    params = torch.tensor([[-1.0, 1.0, 0.0, 0.0]]).expand(len(x), -1)  # cos = 0, sin = 1
+    y = make_transform("similarity", SIZE, SIZE)(x, params)
+    torch.testing.assert_close(y, torch.rot90(x, 1, dims=(-2, -1)), atol=1e-12, rtol=0)
+
+
+def test_color_transform_recolours_rgb_only():
+    x = stack(c=5)
+    a = torch.tensor([0.5, -0.5, 0.0])
+    b = torch.tensor([0.1, 0.0, -0.2])
+    params = torch.cat([a, b]).expand(len(x), -1)
+    y = ColorTransform(SIZE)(x, params)
+    expected = softclip((1 + a.view(3, 1, 1)) * x[:, :, :3] + b.view(3, 1, 1))
+    torch.testing.assert_close(y[:, :, :3], expected)
+    torch.testing.assert_close(y[:, :, 3:], x[:, :, 3:])
+
+
+def test_grouped_mlp_matches_separate_mlps_and_starts_at_zero():
+    torch.manual_seed(0)
+    mlp = GroupedMLP(n_groups=3, in_features=7, out_features=4, hidden=5)
+    x = torch.rand(6, 7)
+    assert mlp(x).abs().max() == 0  # zero-initialised last layer
+    for w in mlp.weights[-1:]:
+        w.data.normal_()
+    out = mlp(x)  # (B, G, P)
+    for g in range(3):
+        h = x
+        for i, (w, b) in enumerate(zip(mlp.weights, mlp.biases, strict=True)):
+            h = h @ w[g] + b[g]
+            if i < 2:
+                h = h.relu()
+        torch.testing.assert_close(out[:, g], h)
+
+
+def test_sequence_curriculum_skips_inactive_modules():
+    seq = TransformSequence(["color", "similarity"], 1, 4, SIZE, SIZE)
+    for head in seq.heads:
+        head.weights[-1].data.normal_()
+    features = torch.rand(2, 4)
+    x = stack(n=2)
+    params = [p[:, 0] for p in seq.predict(features)]
+    full = seq(x, params)
+    seq.set_active(1)
+    partial_params = seq.predict(features)
+    assert partial_params[1] is None
+    partial = seq(x, [partial_params[0][:, 0], None])
+    torch.testing.assert_close(partial, seq.transforms[0](x, params[0]))
+    assert not torch.allclose(partial, full)
+    with pytest.raises(ValueError, match="n_active"):
+        seq.set_active(3)
+
+
+def test_inactive_position_still_maps_canvas_to_image():
+    seq = TransformSequence(["color", "position"], 1, 4, (8, 8), (16, 16))
+    seq.set_active(0)
+    x = torch.rand(1, 1, 4, 8, 8)
+    y = seq(x, seq.predict(torch.rand(1, 4)))
+    assert y.shape[-2:] == (16, 16)
+    torch.testing.assert_close(y[..., 4:12, 4:12], x, atol=1e-12, rtol=0)
+
+
+def test_only_position_resizes():
+    with pytest.raises(ValueError, match="only 'position' resizes"):
+        make_transform("tps", (8, 8), (16, 16))
+    with pytest.raises(ValueError, match="needs a 'position' module"):
+        TransformSequence(["color"], 1, 4, (8, 8), (16, 16))
