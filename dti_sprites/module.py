@@ -9,6 +9,7 @@ import torch
 from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat
 from torch import Tensor
 
+from dti_sprites.metrics import ARI, ClusteringAccuracy, ForegroundIoU, SemanticScores
 from dti_sprites.model import Decomposition, DTISprites
 
 
@@ -40,6 +41,7 @@ class DTISpritesModule(L.LightningModule):
         self.model = model
         k0 = model.sprites.n_sprites
         self.register_buffer("usage", torch.zeros(k0, dtype=torch.long), persistent=False)
+        self.metrics = torch.nn.ModuleDict()  # built per evaluation protocol in setup()
 
     # ------------------------------------------------------------------------------- setup
     def setup(self, stage: str) -> None:
@@ -53,6 +55,7 @@ class DTISpritesModule(L.LightningModule):
                 f"model.init_args.model.init_args.image_size is {self.model.image_size} but the "
                 f"data ({type(datamodule).__name__}) has images of size {data_size}"
             )
+        self._make_metrics()
         backgrounds = self.model.backgrounds
         if stage == "fit" and not bool(backgrounds.initialised) and self.hparams.init_images:
             backgrounds.init_from_images(datamodule.init_images(self.hparams.init_images))
@@ -90,25 +93,97 @@ class DTISpritesModule(L.LightningModule):
         self.usage.zero_()
 
     # -------------------------------------------------------------------------- evaluation
-    def _protocol(self, dataloader_idx: int) -> str:
-        protocols = getattr(getattr(self.trainer, "datamodule", None), "eval_protocols", None)
-        return protocols[dataloader_idx] if protocols else f"set{dataloader_idx}"
+    def _protocols(self) -> tuple[str, ...]:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        return tuple(getattr(datamodule, "eval_protocols", None) or ("val",))
+
+    def _make_metrics(self) -> None:
+        """One set of metrics per evaluation protocol (dataloader), by the data's ground truth.
+
+        Multi-object data: ARI, ARI-FG and semantic scores (classes from the DataModule's
+        ``num_semantic_classes``); single-object data: clustering accuracy when labelled,
+        foreground IoU on masks. Which are updated depends on the keys of each batch.
+        """
+        datamodule = getattr(self.trainer, "datamodule", None)
+        n_semantic = getattr(datamodule, "num_semantic_classes", 0)
+        n_classes = getattr(datamodule, "num_classes", 0)
+        k0 = self.model.sprites.n_sprites
+        metrics = {}
+        for protocol in self._protocols():
+            group: dict[str, torch.nn.Module] = {}
+            if self.model.n_layers > 1:
+                group["ari"] = ARI(foreground_only=False)
+                group["ari_fg"] = ARI(foreground_only=True)
+                if n_semantic:
+                    group["semantic"] = SemanticScores(n_semantic, num_clusters=k0 + 1)
+            else:
+                group["fg_iou"] = ForegroundIoU()
+                if n_classes:
+                    group["clustering"] = ClusteringAccuracy(n_classes, num_clusters=k0)
+            metrics[protocol] = torch.nn.ModuleDict(group)
+        self.metrics = torch.nn.ModuleDict(metrics)
 
     def _eval_step(self, stage: str, batch: dict[str, Tensor], dataloader_idx: int) -> None:
-        out = self.model(batch["image"])
+        image = batch["image"]
+        out = self.model(image)
         terms = self.objective(out)
-        protocol = self._protocol(dataloader_idx)
+        protocol = self._protocols()[dataloader_idx]
         self.log_dict(
             {f"{stage}/{protocol}/{k}": v for k, v in terms.items()},
             sync_dist=True,
             add_dataloader_idx=False,
         )
+        metrics = self.metrics[protocol] if protocol in self.metrics else {}
+        if "ari" in metrics and "mask" in batch:
+            metrics["ari"].update(out.instance(), batch["mask"])
+            metrics["ari_fg"].update(out.instance_fg(image), batch["mask"])
+        if "semantic" in metrics and "semantic" in batch:
+            metrics["semantic"].update(out.semantic(), batch["semantic"])
+        if "fg_iou" in metrics and "mask" in batch:
+            metrics["fg_iou"].update(out.instance() > 0, batch["mask"] > 0)
+        if "clustering" in metrics and "label" in batch:
+            metrics["clustering"].update(out.sprite_choice[:, 0].clamp(min=0), batch["label"])
+
+    def _log_metrics(self, stage: str) -> dict[str, float]:
+        """Compute (synced across ranks), log and reset every metric that saw data."""
+        values: dict[str, float] = {}
+        for protocol, group in self.metrics.items():
+            for name, metric in group.items():
+                if not metric.update_called:
+                    continue
+                result = metric.compute()
+                result = result if isinstance(result, dict) else {name: result}
+                for key, value in result.items():
+                    values[f"{stage}/{protocol}/{key}"] = float(value)
+                metric.reset()
+        if values:
+            self.log_dict(values, sync_dist=False, add_dataloader_idx=False)
+        return values
+
+    def on_validation_epoch_start(self) -> None:
+        if set(self._protocols()) != set(self.metrics.keys()):
+            self._make_metrics()
+
+    on_test_epoch_start = on_validation_epoch_start
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0):
         self._eval_step("val", batch, dataloader_idx)
 
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val")
+
     def test_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0):
         self._eval_step("test", batch, dataloader_idx)
+
+    def on_test_epoch_end(self) -> None:
+        values = self._log_metrics("test")
+        if self.trainer.is_global_zero and values:
+            rows = [[*key.split("/", 2)[1:], value] for key, value in values.items()]
+            width = max(len(metric) for _, metric, _ in rows)
+            lines = [f"{'metric':<{width}}  {'value':>8}  protocol"]
+            for protocol, metric, value in sorted(rows, key=lambda r: (r[0], r[1])):
+                lines.append(f"{metric:<{width}}  {100 * value:8.2f}  {protocol}")
+            print("\n".join(["", "Test results (%)", *lines]))
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0):
         """The arrays of predictions.h5 for this batch (see ``Decomposition.to_arrays``)."""

@@ -1,0 +1,121 @@
+import lightning as L
+import pytest
+import torch
+
+from dti_sprites.callbacks import Curriculum, LRDrops, SpriteFreeze, SpriteReassignment
+from dti_sprites.model import DTISprites
+from dti_sprites.module import DTISpritesModule
+
+MODEL = dict(image_size=20, n_sprites=3, n_layers=2, n_backgrounds=1, sprite_size=12, mask_std=3,
+             empty_sprite=True, occlusion="predicted", greedy_passes=1,
+             sprite_transforms=["similarity"], background_transforms=["color"])  # fmt: skip
+
+
+class Probe(L.Callback):
+    """Records, at the first training batch of each epoch, what the other callbacks set."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == 0:
+            model = pl_module.model
+            self.seen.append({
+                "epoch": trainer.current_epoch,
+                "sprite_active": int(model.sprite_transforms.n_active),
+                "frozen": bool(model.sprites_frozen),
+                "lr": [g["lr"] for g in trainer.optimizers[0].param_groups],
+                "appearance": model.sprites.appearance.detach().clone(),
+            })  # fmt: skip
+
+
+def fit(tmp_path, squares, callbacks, epochs=3, batches=2, lr=1e-2, **model):
+    torch.manual_seed(0)
+    module = DTISpritesModule(DTISprites(**{**MODEL, **model}), lr=lr)
+    probe = Probe()
+    trainer = L.Trainer(default_root_dir=tmp_path, max_epochs=epochs, limit_train_batches=batches,
+                        limit_val_batches=0, logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, callbacks=[*callbacks, probe])  # fmt: skip
+    trainer.fit(module, squares(n=8))
+    return module, probe.seen
+
+
+def test_curriculum_switches_modules_on_at_milestones(tmp_path, squares):
+    curriculum = Curriculum(sprite=[2])
+    module, seen = fit(tmp_path, squares, [curriculum])
+    assert [s["sprite_active"] for s in seen] == [0, 0, 1]
+    assert curriculum.state_dict()["n_active"]["sprite"] == 1
+    assert Curriculum(layer=[3, 5]).stage(n_modules=3, milestones=[3, 5], epoch=4) == 2
+    with pytest.raises(ValueError, match="Curriculum.background"):
+        Curriculum(background=[1, 2]).apply(module, 0)
+
+
+def test_freeze_keeps_sprites_fixed_for_the_first_epochs(tmp_path, squares):
+    module, seen = fit(tmp_path, squares, [SpriteFreeze(epochs=2)], lr=1e-3, empty_sprite=False)
+    assert [s["frozen"] for s in seen] == [True, True, False]
+    torch.testing.assert_close(seen[1]["appearance"], seen[0]["appearance"], rtol=0, atol=0)
+    assert not torch.equal(module.model.sprites.appearance, seen[2]["appearance"])
+    assert not bool(module.model.sprites_frozen)  # released after fit
+
+
+def test_lr_drops_apply_per_group_gammas(tmp_path, squares):
+    drops = LRDrops(milestones=[1, 2], gammas=[1.0, 0.1])
+    _, seen = fit(tmp_path, squares, [drops])
+    lrs = [s["lr"] for s in seen]
+    assert lrs[0] == pytest.approx([1e-2, 1e-2])
+    assert lrs[1] == pytest.approx([1e-2, 1e-3])
+    assert lrs[2] == pytest.approx([1e-2, 1e-4])
+    assert drops.state_dict() == {"drops": 2}
+    with pytest.raises(ValueError, match="LRDrops.gammas"):
+        fit(tmp_path, squares, [LRDrops(milestones=[1], gammas=[1.0, 0.1, 0.5])], epochs=1)
+
+
+def test_reassignment_copies_sprite_heads_and_optimizer_state(tmp_path, squares):
+    module, _ = fit(tmp_path, squares, [], epochs=1)
+    model = module.model
+    optimizer = torch.optim.Adam(module.parameter_groups())
+    model(torch.rand(4, 3, 20, 20)).mse.mean().backward()
+    # Give every head a distinct gradient history so that copies are visible.
+    for p in model.parameters():
+        if p.grad is None:
+            p.grad = torch.randn_like(p)
+    optimizer.step()
+    callback = SpriteReassignment(threshold=0.5, noise_std=1e-4, seed=3)
+    counts = torch.tensor([50.0, 1.0, 40.0])  # sprite 1 under 0.5/3 of the most used
+    assert callback.unused(counts, empty_sprite=True) == [1]
+    assert callback.unused(counts, empty_sprite=False) == [1]
+    events = callback.reassign(module, optimizer, counts, step=7)
+    assert events == [{"step": 7, "src": 0, "dst": 1}]
+    noise = model.sprites.appearance[1] - model.sprites.appearance[0]
+    assert 0 < noise.abs().max() < 1e-3
+    torch.testing.assert_close(model.sprites.mask[1], model.sprites.mask[0])
+    head = model.sprite_transforms.heads[0]
+    for layer in range(model.n_layers):
+        torch.testing.assert_close(head.weights[0][layer * 3 + 1], head.weights[0][layer * 3])
+    state = optimizer.state[model.sprites.mask]
+    torch.testing.assert_close(state["exp_avg"][1], state["exp_avg"][0])
+    state["exp_avg"][0] += 1  # cloned, never shared
+    assert not torch.equal(state["exp_avg"][1], state["exp_avg"][0])
+    # The same seed and step give the same noise (identical on every DDP rank).
+    other = SpriteReassignment(threshold=0.5, noise_std=1e-4, seed=3)
+    before = model.sprites.appearance[0].clone()
+    other.reassign(module, optimizer, counts, step=7)
+    torch.testing.assert_close(model.sprites.appearance[1] - before, noise)
+
+
+def test_reassignment_fires_every_n_steps_and_not_while_frozen(tmp_path, squares):
+    callback = SpriteReassignment(every_n_steps=2, threshold=10.0)  # every sprite "unused"
+    fit(
+        tmp_path,
+        squares,
+        [SpriteFreeze(epochs=1), callback],
+        epochs=2,
+        batches=2,
+        empty_sprite=False,
+    )
+    steps = [e["step"] for e in callback.events]
+    assert steps and min(steps) >= 3  # nothing during the frozen first epoch (steps 1-2)
+    assert callback.state_dict()["steps"] == 0
+    restored = SpriteReassignment()
+    restored.load_state_dict(callback.state_dict())
+    assert restored.events == callback.events
