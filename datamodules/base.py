@@ -2,12 +2,12 @@
 
 Batches are dicts of tensors (collated by the default collate function):
 
-- ``image``    (B, 3, H, W) float32 in [0, 1]                          always
-- ``mask``     (B, H, W) int64 label map, 0 = background, e = entity e  multi-object data;
-               Weizmann Horse: 0 = background, 1 = horse
-- ``semantic`` (B, H, W) int64 class map, 0 = background                 multi-object data
-- ``label``    (B,) int64 class label                                     labelled single-object data
-- ``index``    (B,) int64 position of the sample in its split            always
+- ``image``    (B, 3, H, W) float32 in [0, 1]; always
+- ``mask``     (B, H, W) int64 label map, 0 = background, e = entity e (multi-object data;
+               Weizmann Horse: 0 = background, 1 = horse)
+- ``semantic`` (B, H, W) int64 class map, 0 = background (multi-object data)
+- ``label``    (B,) int64 class label (labelled single-object data)
+- ``index``    (B,) int64 position of the sample in its split; always
 
 A key is present only when the dataset has that ground truth.
 """
