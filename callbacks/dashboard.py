@@ -28,7 +28,7 @@ PALETTE = torch.tensor(
 def colorize(labels: Tensor) -> Tensor:
     """Label map (B, H, W) → RGB (B, 3, H, W) with a fixed palette (0 = black)."""
     palette = PALETTE.to(labels.device)
-    return palette[labels.long() % len(palette)].permute(0, 3, 1, 2)  # (B, 3, H, W)
+    return palette[labels.long() % len(palette)].movedim(-1, 1)  # (B, 3, H, W)
 
 
 def save_png(image: Tensor, path: Path) -> None:
@@ -46,10 +46,11 @@ def sprite_grid(model) -> Tensor:
         k0 = model.sprites.n_sprites
         appearance, mask = appearance[:k0], mask[:k0].expand(-1, 3, -1, -1)
         tiles = torch.cat([appearance, mask, appearance * mask])  # (3·K0, 3, h, w)
-        border = colorize(torch.arange(1, k0 + 1))[:, :, :1, :1]  # semantic colour of sprite k
-        tiles = torch.nn.functional.pad(tiles, (1, 1, 1, 1))
-        tiles[:, :, [0, -1], :] = border.repeat(3, 1, 1, 1)
-        tiles[:, :, :, [0, -1]] = border.repeat(3, 1, 1, 1)
+        # Border in the semantic colour of sprite k (label k + 1).
+        border = colorize(torch.arange(1, k0 + 1)).repeat(3, 1)[:, :, None, None]  # (3·K0, 3, 1, 1)
+        tiles = torch.nn.functional.pad(tiles.cpu(), (1, 1, 1, 1))
+        tiles[:, :, [0, -1], :] = border
+        tiles[:, :, :, [0, -1]] = border
         return make_grid(tiles.float().cpu(), nrow=k0, padding=1, pad_value=1.0)
 
 

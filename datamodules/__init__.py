@@ -1,5 +1,29 @@
 """DataModules, the TensorFlow-free TFRecord reader and the dataset converter."""
 
 from dti_sprites.datamodules.base import DTIDataModule
+from dti_sprites.datamodules.images import (
+    GTSRB8DataModule,
+    ImageFolderDataModule,
+    SVHNDataModule,
+    WeizmannHorseDataModule,
+)
+from dti_sprites.datamodules.multi_object import (
+    CLEVR6DataModule,
+    MultiDSpritesDataModule,
+    MultiObjectDataModule,
+    ObjectsRoomDataModule,
+    TetrominoesDataModule,
+)
 
-__all__ = ["DTIDataModule"]
+__all__ = [
+    "CLEVR6DataModule",
+    "DTIDataModule",
+    "GTSRB8DataModule",
+    "ImageFolderDataModule",
+    "MultiDSpritesDataModule",
+    "MultiObjectDataModule",
+    "ObjectsRoomDataModule",
+    "SVHNDataModule",
+    "TetrominoesDataModule",
+    "WeizmannHorseDataModule",
+]

@@ -1,0 +1,131 @@
+"""Time full training steps of the paper's configurations.
+
+    python benchmarks/train_step.py --config tetrominoes multidsprites clevr6 [--steps N]
+        [--threads T] [--batch B] [--warmup W]
+
+A step is what training does: forward (encoder, heads, rendering of every candidate, greedy
+selection), rendering of the selected sprites, MSE, backward and Adam — with every curriculum
+stage on, sprites unfrozen and mask noise on. The model comes from ``experiments/NAME.yaml``.
+Prints one line per config:
+
+    config=NAME img_per_s=X peak_mb=Y encoder_ratio=R
+
+``encoder_ratio`` is the step time over the time of the encoder's own forward + backward + Adam
+step, measured in the same run (how much the sprite machinery costs on top of the CNN).
+``peak_mb`` is the peak GPU memory allocated on CUDA, the peak resident memory of the process
+on the CPU. Runs on the GPU when one is present (``--device cpu`` to force the CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from dti_sprites.model import DTISprites
+from dti_sprites.module import DTISpritesModule
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def build(config: str, device: torch.device) -> tuple[DTISpritesModule, int]:
+    spec = yaml.safe_load((EXPERIMENTS / f"{config}.yaml").read_text())
+    model_args = spec["model"]["model"]["init_args"]
+    module = DTISpritesModule(DTISprites(**model_args), **{
+        k: v for k, v in spec["model"].items() if k in ("lr", "weight_decay")
+    })  # fmt: skip
+    model = module.model
+    for sequence in model.transform_groups().values():
+        sequence.set_active(len(sequence))  # every curriculum stage on
+    model.freeze_sprites(False)
+    model.train()  # mask noise on
+    return module.to(device), spec["data"]["init_args"].get("batch_size", 32)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, steps: int, warmup: int, device: torch.device) -> float:
+    """Seconds per call after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / steps
+
+
+def peak_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def benchmark(config: str, steps: int, warmup: int, batch: int | None, device: torch.device):
+    torch.manual_seed(0)
+    module, default_batch = build(config, device)
+    batch = batch or default_batch
+    model = module.model
+    size = model.image_size
+    images = torch.rand(batch, 3, size, size, device=device)
+    optimizer = torch.optim.Adam(module.parameter_groups())
+
+    def step() -> None:
+        loss = model(images).mse.mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    encoder_optimizer = torch.optim.Adam(model.encoder.parameters(), lr=1e-4)
+
+    def encoder_step() -> None:
+        loss = model.encoder(images).square().mean()
+        encoder_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        encoder_optimizer.step()
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    step_time = timed(step, steps, warmup, device)
+    memory = peak_mb(device)
+    encoder_time = timed(encoder_step, steps, warmup, device)
+    print(
+        f"config={config} img_per_s={batch / step_time:.1f} peak_mb={memory:.0f} "
+        f"encoder_ratio={step_time / encoder_time:.2f}",
+        flush=True,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", nargs="+", default=["tetrominoes", "multidsprites", "clevr6"])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=None, help="default: the config's")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if len(args.config) > 1:  # one process per config, so that peak memory is per config
+        print(f"device={device} threads={torch.get_num_threads()} torch={torch.__version__}")
+        for config in args.config:
+            rest = [a for a in sys.argv[1:] if a not in args.config and a != "--config"]
+            subprocess.run([sys.executable, __file__, "--config", config, *rest], check=True)
+        return
+    benchmark(args.config[0], args.steps, args.warmup, args.batch, device)
+
+
+if __name__ == "__main__":
+    main()
