@@ -9,7 +9,13 @@ import torch
 from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat
 from torch import Tensor
 
-from dti_sprites.metrics import ARI, ClusteringAccuracy, ForegroundIoU, SemanticScores
+from dti_sprites.metrics import (
+    ARI,
+    ClusteringAccuracy,
+    ForegroundIoU,
+    SemanticScores,
+    ari_per_image,
+)
 from dti_sprites.model import Decomposition, DTISprites
 
 
@@ -123,7 +129,10 @@ class DTISpritesModule(L.LightningModule):
             metrics[protocol] = torch.nn.ModuleDict(group)
         self.metrics = torch.nn.ModuleDict(metrics)
 
-    def _eval_step(self, stage: str, batch: dict[str, Tensor], dataloader_idx: int) -> None:
+    def _eval_step(
+        self, stage: str, batch: dict[str, Tensor], dataloader_idx: int
+    ) -> dict[str, Tensor]:
+        """Loss terms and metric updates; returns per-image ``ari_fg`` (B,) and ``index``."""
         image = batch["image"]
         out = self.model(image)
         terms = self.objective(out)
@@ -134,15 +143,21 @@ class DTISpritesModule(L.LightningModule):
             add_dataloader_idx=False,
         )
         metrics = self.metrics[protocol] if protocol in self.metrics else {}
+        result: dict[str, Tensor] = {}
         if "ari" in metrics and "mask" in batch:
+            instance_fg = out.instance_fg(image)
             metrics["ari"].update(out.instance(), batch["mask"])
-            metrics["ari_fg"].update(out.instance_fg(image), batch["mask"])
+            metrics["ari_fg"].update(instance_fg, batch["mask"])
+            result["ari_fg"] = ari_per_image(instance_fg, batch["mask"], foreground_only=True)
         if "semantic" in metrics and "semantic" in batch:
             metrics["semantic"].update(out.semantic(), batch["semantic"])
         if "fg_iou" in metrics and "mask" in batch:
             metrics["fg_iou"].update(out.instance() > 0, batch["mask"] > 0)
         if "clustering" in metrics and "label" in batch:
             metrics["clustering"].update(out.sprite_choice[:, 0].clamp(min=0), batch["label"])
+        if "index" in batch:
+            result["index"] = batch["index"]
+        return result
 
     def _log_metrics(self, stage: str) -> dict[str, float]:
         """Compute (synced across ranks), log and reset every metric that saw data."""
@@ -167,13 +182,13 @@ class DTISpritesModule(L.LightningModule):
     on_test_epoch_start = on_validation_epoch_start
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0):
-        self._eval_step("val", batch, dataloader_idx)
+        return self._eval_step("val", batch, dataloader_idx)
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val")
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0):
-        self._eval_step("test", batch, dataloader_idx)
+        return self._eval_step("test", batch, dataloader_idx)
 
     def on_test_epoch_end(self) -> None:
         values = self._log_metrics("test")
