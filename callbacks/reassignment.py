@@ -56,7 +56,9 @@ class SpriteReassignment(L.Callback):
         self.steps += 1
         if self.steps < self.every_n_steps:
             return
-        counts = trainer.strategy.reduce(self.counts.to(pl_module.device).float(), "sum").cpu()
+        counts = trainer.strategy.reduce(
+            self.counts.to(pl_module.device).float(), reduce_op="sum"
+        ).cpu()
         self.counts.zero_()
         self.steps = 0
         if bool(model.sprites_frozen) or counts.sum() == 0:

@@ -254,9 +254,16 @@ class DTISprites(nn.Module):
         slices: list[ParamSlice] = [(self.sprites.appearance, (k,)), (self.sprites.mask, (k,))]
         k0 = self.sprites.n_sprites
         for head in self.sprite_transforms.heads:
-            for param in (*head.weights, *head.biases):
-                slices += [(param, (layer * k0 + k,)) for layer in range(self.n_layers)]
+            for layer in range(self.n_layers):
+                slices += head.group_slices(layer * k0 + k)
         return slices
+
+    def idle_parameters(self) -> list[nn.Parameter]:
+        """Parameters that must not change now: frozen sprites, heads of inactive modules."""
+        idle = [self.sprites.appearance, self.sprites.mask] if bool(self.sprites_frozen) else []
+        for sequence in self.transform_groups().values():
+            idle += sequence.idle_parameters()
+        return idle
 
     @torch.no_grad()
     def copy_sprite(self, src: int, dst: int, noise: Tensor) -> list[tuple[ParamSlice, ParamSlice]]:

@@ -68,6 +68,18 @@ class DTISpritesModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["dti_sprites_model"] = self.model.config  # see DTISprites.from_checkpoint
+        # Random state (mask noise, shuffling), so that a resumed run continues exactly.
+        checkpoint["rng_state"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            checkpoint["rng_state"]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("rng_state")
+        if state is None:
+            return
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
 
     # ---------------------------------------------------------------------------- training
     def forward(self, image: Tensor) -> Decomposition:
@@ -82,15 +94,35 @@ class DTISpritesModule(L.LightningModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         out = self.model(batch["image"])
         terms = self.objective(out)
-        if not torch.isfinite(terms["mse"]):
-            raise FloatingPointError(
-                f"non-finite training loss ({terms['mse'].item()}) at global step "
-                f"{self.global_step}, epoch {self.current_epoch}"
-            )
+        self._stop_on_nonfinite(terms["mse"])
         self.log_dict({f"train/{k}": v for k, v in terms.items()}, prog_bar=True, sync_dist=True)
         choice = out.sprite_choice
         self.usage += torch.bincount(choice[choice >= 0], minlength=len(self.usage))
-        return {"loss": terms["mse"], "sprite_choice": choice.detach()}
+        loss = terms["mse"]
+        idle = self.model.idle_parameters()
+        if idle:
+            # Keep every parameter in the graph so that plain DDP (no unused-parameter search)
+            # works; their zero gradients are dropped in on_before_optimizer_step.
+            loss = loss + 0.0 * sum(p.sum() for p in idle)
+        return {"loss": loss, "sprite_choice": choice.detach()}
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Frozen sprites and inactive heads get no update at all (no momentum, no decay).
+        for p in self.model.idle_parameters():
+            p.grad = None
+
+    def _stop_on_nonfinite(self, loss: Tensor) -> None:
+        """Stop before the optimizer step when the loss is NaN or Inf on any rank."""
+        bad = not bool(torch.isfinite(loss))
+        if not self.trainer.strategy.reduce_boolean_decision(bad, all=False):
+            return
+        callback = self.trainer.checkpoint_callback
+        last = callback and (callback.last_model_path or callback.best_model_path)
+        raise FloatingPointError(
+            f"non-finite training loss ({loss.item()}) at global step {self.global_step} "
+            f"(epoch {self.current_epoch}); training stopped before this step's update. "
+            f"Last good checkpoint: {last or 'none saved yet'}"
+        )
 
     def on_train_epoch_end(self) -> None:
         usage = self.trainer.strategy.reduce(self.usage.float(), reduce_op="sum")

@@ -202,8 +202,9 @@ def make_transform(
 class GroupedMLP(nn.Module):
     """G independent MLPs F → hidden → hidden → P with ReLU; the last layer starts at zero.
 
-    ``forward`` maps features (B, F) to parameters (B, G, P). Stored as stacked weights so all
-    groups run as one batched matmul, and group g can be copied as a slice (reassignment).
+    ``forward`` maps features (B, F) to parameters (B, G, P). All groups run as one batched
+    matmul: the first weight is stored as (F, G, hidden) so that it is one (F, G·hidden) matrix,
+    the others as (G, in, out). ``group_slices(g)`` names the slices of group g (reassignment).
     """
 
     def __init__(self, n_groups: int, in_features: int, out_features: int, hidden: int = 128):
@@ -219,13 +220,20 @@ class GroupedMLP(nn.Module):
             if not last:
                 w.uniform_(-bound, bound)
                 b.uniform_(-bound, bound)
+            if i == 0:
+                w = w.transpose(0, 1).contiguous()  # (F, G, hidden)
             self.weights.append(nn.Parameter(w))
             self.biases.append(nn.Parameter(b))
 
+    def group_slices(self, g: int) -> list[tuple[nn.Parameter, tuple[int | slice, ...]]]:
+        """(parameter, index) of every slice that belongs to group g."""
+        slices = [(self.weights[0], (slice(None), g))]
+        slices += [(w, (g,)) for w in self.weights[1:]]
+        return slices + [(b, (g,)) for b in self.biases]
+
     def forward(self, features: Tensor) -> Tensor:
-        w0 = self.weights[0]
-        g, f, h = w0.shape
-        x = (features @ w0.permute(1, 0, 2).reshape(f, g * h)).view(-1, g, h)  # (B, G, hidden)
+        f, g, h = self.weights[0].shape
+        x = (features @ self.weights[0].view(f, g * h)).view(-1, g, h)  # (B, G, hidden)
         x = x + self.biases[0]
         for w, b in zip(self.weights[1:], self.biases[1:], strict=True):
             x = torch.einsum("bgi,gio->bgo", x.relu(), w) + b  # (B, G, out)
@@ -274,6 +282,10 @@ class TransformSequence(nn.Module):
         if not 0 <= n <= len(self):
             raise ValueError(f"n_active must be in [0, {len(self)}], got {n}")
         self.n_active.fill_(n)
+
+    def idle_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the heads of inactive modules (they take no part in the output)."""
+        return [p for head in self.heads[int(self.n_active) :] for p in head.parameters()]
 
     def predict(self, features: Tensor) -> list[Tensor | None]:
         """Parameters per module, (B, G, P) each; None for an inactive module."""

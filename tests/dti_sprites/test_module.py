@@ -13,8 +13,9 @@ MODEL = dict(image_size=20, n_sprites=3, n_layers=2, n_backgrounds=1, sprite_siz
 
 
 def trainer(tmp_path, **kwargs):
-    defaults = dict(default_root_dir=tmp_path, max_epochs=1, logger=False, enable_progress_bar=False,
-                    enable_model_summary=False, enable_checkpointing=False)  # fmt: skip
+    defaults = dict(default_root_dir=tmp_path, max_epochs=1, logger=False,
+                    enable_progress_bar=False, enable_model_summary=False,
+                    enable_checkpointing=False)  # fmt: skip
     return L.Trainer(**{**defaults, **kwargs})
 
 

@@ -94,7 +94,7 @@ def test_grouped_mlp_matches_separate_mlps_and_starts_at_zero():
     for g in range(3):
         h = x
         for i, (w, b) in enumerate(zip(mlp.weights, mlp.biases, strict=True)):
-            h = h @ w[g] + b[g]
+            h = h @ (w[:, g] if i == 0 else w[g]) + b[g]
             if i < 2:
                 h = h.relu()
         torch.testing.assert_close(out[:, g], h)

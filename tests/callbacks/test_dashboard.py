@@ -1,0 +1,211 @@
+import csv
+import json
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from PIL import Image
+
+from dti_sprites.callbacks import (
+    Curriculum,
+    SpriteDashboard,
+    SpriteFreeze,
+    SpriteReassignment,
+    run_dir,
+)
+from dti_sprites.callbacks.dashboard import (
+    EMPTY_COLOR,
+    EvalRecords,
+    sprite_color,
+    usage_chart,
+    usage_counts,
+)
+from dti_sprites.model import DTISprites
+from dti_sprites.module import DTISpritesModule
+
+MODEL = dict(image_size=20, n_sprites=3, n_layers=2, n_backgrounds=1, sprite_size=12, mask_std=3,
+             empty_sprite=False, occlusion="predicted", greedy_passes=1,
+             sprite_transforms=["similarity"], background_transforms=["color"])  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny convolutions run far faster on one thread on shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def offline_wandb(tmp_path, monkeypatch):
+    """W&B offline with every W&B folder inside tmp_path (no login, no network, no home)."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_CONSOLE", "off")
+    for var in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / var.lower()))
+    return tmp_path
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_dashboard_writes_wandb_media_offline_and_the_same_pngs(offline_wandb, squares):
+    tmp_path = offline_wandb
+    torch.manual_seed(0)
+    wandb_logger = WandbLogger(project="dash", save_dir=tmp_path, offline=True)
+    reassignment = SpriteReassignment(every_n_steps=1, threshold=10.0)  # fires after the freeze
+    dashboard = SpriteDashboard(every_n_steps=2, n_worst=3)
+    trainer = L.Trainer(
+        default_root_dir=tmp_path, max_epochs=2, limit_train_batches=2, limit_val_batches=1,
+        logger=[wandb_logger, CSVLogger(tmp_path / "csv")], log_every_n_steps=1,
+        enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+        callbacks=[Curriculum(sprite=[1]), SpriteFreeze(epochs=1), reassignment, dashboard],
+    )  # fmt: skip
+    module = DTISpritesModule(DTISprites(**MODEL), lr=1e-2)
+    data = squares(n=8)
+    trainer.fit(module, data)
+    results = trainer.test(module, data, verbose=False)[0]
+    wandb_logger.experiment.finish()
+
+    # PNGs and CSVs in the run folder, for a user without W&B.
+    folder = run_dir(trainer)
+    assert folder.parent == tmp_path / "dash"
+    for name in ("sprites", "backgrounds", "decompositions", "usage", "val_paper320_worst",
+                 "val_heldout_worst", "test_paper320_worst", "test_heldout_worst"):  # fmt: skip
+        assert (folder / "images" / f"{name}.png").is_file(), name
+    with Image.open(folder / "images" / "test_paper320_worst.png") as worst:
+        assert worst.size == (3 * 21 + 1, 4 * 21 + 1)  # 3 worst images × (input, recon, inst, gt)
+    assert not list(folder.rglob(".*.tmp.*"))
+
+    events = reassignment.events
+    assert events and min(e["step"] for e in events) >= 3  # after the frozen first epoch
+    rows = read_csv(folder / "tables" / "reassignments.csv")
+    assert [(int(r["step"]), int(r["src"]), int(r["dst"])) for r in rows] == [
+        (e["step"], e["src"], e["dst"]) for e in events
+    ]
+    usage = read_csv(folder / "tables" / "usage.csv")
+    assert [(r["layer"], r["sprite"]) for r in usage[:4]] == [("0", "0"), ("0", "1"), ("0", "2"),
+                                                              ("0", "empty")]  # fmt: skip
+    for layer in ("0", "1"):  # steps 3-4 since the drawing at step 2: 2 batches of 4 images
+        assert sum(int(r["count"]) for r in usage if r["layer"] == layer) == 8
+        assert sum(float(r["share"]) for r in usage if r["layer"] == layer) == pytest.approx(1)
+
+    metrics = read_csv(folder / "tables" / "test_metrics.csv")
+    table = {(r["protocol"], r["metric"]): float(r["value"]) for r in metrics}
+    assert table[("paper320", "ari_fg")] == pytest.approx(results["test/paper320/ari_fg"])
+    assert table[("heldout", "miou")] == pytest.approx(results["test/heldout/miou"])
+    per_image = read_csv(folder / "tables" / "test_ari_fg.csv")
+    assert len(per_image) == 16  # 8 images × 2 protocols
+    scores = [float(r["ari_fg"]) for r in per_image]
+    assert scores == sorted(scores)
+    paper = [float(r["ari_fg"]) for r in per_image if r["protocol"] == "paper320"]
+    assert np.mean(paper) == pytest.approx(results["test/paper320/ari_fg"], abs=1e-6)
+    assert sorted(int(r["index"]) for r in per_image if r["protocol"] == "paper320") == list(
+        range(8)
+    )
+
+    # Curriculum and freeze stage as logged scalars, per step.
+    logged = read_csv(Path(trainer.loggers[1].log_dir) / "metrics.csv")
+    stage = [(int(r["step"]), float(r["stage/sprites_frozen"]),
+              float(r["stage/active_sprite_transforms"]))
+             for r in logged if r.get("stage/sprites_frozen")]  # fmt: skip
+    assert stage == [(0, 1.0, 0.0), (1, 1.0, 0.0), (2, 0.0, 1.0), (3, 0.0, 1.0)]
+
+    # The offline W&B run folder holds the images and the tables.
+    (run,) = (tmp_path / "wandb").glob("offline-run-*")
+    media = run / "files" / "media"
+    images = {p.relative_to(media / "images").parts[:-1] + (p.name.rsplit("_", 2)[0],)
+              for p in (media / "images").rglob("*.png")}  # fmt: skip
+    for name in (("dashboard", "sprites"), ("dashboard", "backgrounds"),
+                 ("dashboard", "decompositions"), ("dashboard", "usage"),
+                 ("val", "paper320", "worst"), ("test", "heldout", "worst")):  # fmt: skip
+        assert name in images, name
+    tables = {str(p.relative_to(media / "table")).rsplit("_", 2)[0]: p
+              for p in (media / "table").rglob("*.table.json")}  # fmt: skip
+    for name in ("dashboard/usage", "dashboard/usage_layer0_table", "dashboard/usage_layer1_table",
+                 "dashboard/reassignments", "val/metrics_table", "val/ari_fg_table",
+                 "test/metrics_table", "test/ari_fg_table"):  # fmt: skip
+        assert name in tables, name
+    logged_table = json.loads(tables["test/ari_fg_table"].read_text())
+    assert logged_table["columns"] == ["protocol", "index", "ari_fg", "image", "reconstruction",
+                                       "instance", "ground_truth"]  # fmt: skip
+    assert len(logged_table["data"]) == 16
+    with_thumbnails = [row for row in logged_table["data"] if row[3] is not None]
+    assert len(with_thumbnails) == 6  # the 3 worst of each protocol
+    for protocol in ("paper320", "heldout"):
+        worst = sorted(float(r["ari_fg"]) for r in per_image if r["protocol"] == protocol)[:3]
+        assert sorted(row[2] for row in with_thumbnails if row[0] == protocol) == worst
+    events_table = json.loads(tables["dashboard/reassignments"].read_text())
+    assert events_table["columns"] == ["step", "src", "dst"]
+    # Table images are staged as PNGs for the run's table artifacts (WANDB_DATA_DIR).
+    staged = [p for p in (tmp_path / "wandb_data_dir").rglob("*") if p.is_file()]
+    assert sum(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in staged) >= 6 * 4
+
+
+def test_dashboard_without_logger_on_single_object_data(tmp_path, squares):
+    torch.manual_seed(0)
+    model = DTISprites(image_size=20, n_sprites=2, n_layers=1, n_backgrounds=1, sprite_size=12,
+                       mask_std=3)  # fmt: skip
+    dashboard = SpriteDashboard(every_n_steps=1, n_images=3)
+    trainer = L.Trainer(
+        default_root_dir=tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=1,
+        logger=False, enable_progress_bar=False, enable_checkpointing=False,
+        enable_model_summary=False, callbacks=[dashboard],
+    )  # fmt: skip
+    trainer.fit(DTISpritesModule(model), squares(n=8))
+    for name in ("sprites", "backgrounds", "decompositions", "usage"):
+        assert (tmp_path / "images" / f"{name}.png").is_file(), name
+    with Image.open(tmp_path / "images" / "decompositions.png") as grid:
+        assert grid.size == (3 * 21 + 1, 5 * 21 + 1)  # 3 images × (in, rec, sem, inst, layer)
+    metrics = read_csv(tmp_path / "tables" / "val_metrics.csv")
+    assert {(r["protocol"], r["metric"]) for r in metrics} >= {("paper320", "fg_iou")}
+    assert not (tmp_path / "tables" / "val_ari_fg.csv").exists()  # no ARI-FG on single objects
+
+
+def test_usage_counts_and_bar_chart_pixels():
+    choice = torch.tensor([[0, -1], [2, -1], [2, 1], [2, 0]])  # (B=4, L=2), -1 = empty
+    counts = usage_counts(choice, n_sprites=3)
+    assert counts.tolist() == [[1, 0, 3, 0], [1, 1, 0, 2]]
+    height, bar = 100, 12
+    chart = np.asarray(usage_chart(counts, bar_width=bar, height=height))
+    left, top, title = 34, 4, 12
+    baseline = top + title + height - 1  # last row inside the plot of layer 0
+
+    def bar_height(layer: int, k: int, color: tuple[int, int, int]) -> int:
+        column = chart[:, left + k * bar + bar // 2]  # (rows, 3)
+        y1 = baseline + layer * (title + height + 12)
+        run = 0
+        while run < height and tuple(column[y1 - run]) == color:
+            run += 1
+        return run
+
+    assert bar_height(0, 0, sprite_color(0)) == 25
+    assert bar_height(0, 2, sprite_color(2)) == 75
+    assert bar_height(0, 1, sprite_color(1)) == 0
+    assert bar_height(1, 3, EMPTY_COLOR) == 50
+    assert sprite_color(0) == (230, 25, 75)  # label 1 of the semantic maps
+
+
+def test_eval_records_keep_the_worst_images_and_merge_ranks():
+    records = EvalRecords(capacity=3)
+    images = torch.rand(6, 3, 4, 4)
+    masks = torch.randint(0, 3, (6, 4, 4))
+    records.add(torch.tensor([0.9, 0.2, 0.5]), torch.tensor([0, 1, 2]), images[:3], masks[:3])
+    records.add(torch.tensor([0.1, 0.5, 1.0]), torch.tensor([3, 4, 5]), images[3:], masks[3:])
+    assert records.index == [0, 1, 2, 3, 4, 5]
+    assert records.worst_index.tolist() == [3, 1, 2]  # ascending score, ties by index
+    torch.testing.assert_close(records.worst_image[0],
+                               (images[3] * 255).round().byte())  # fmt: skip
+    assert torch.equal(records.worst_mask[1], masks[1].byte())
+    other = EvalRecords(capacity=3)  # another rank, with one padded duplicate (index 5)
+    other.add(torch.tensor([0.0, 1.0]), torch.tensor([6, 5]), images[:2], masks[:2])
+    records.merge(other)
+    assert records.index == [0, 1, 2, 3, 4, 5, 6]
+    assert records.worst_index.tolist() == [6, 3, 1]

@@ -1,0 +1,74 @@
+"""A real 2-process DDP fit on CPU (gloo), launched by tests/test_ddp.py.
+
+    python tests/ddp_run.py OUT_DIR
+
+Lightning's DDP launcher re-runs this script for rank 1. Each rank saves its final state and,
+per step, its local loss and the logged (synced) loss to OUT_DIR/rank<r>.pt.
+"""
+
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import SquaresDataModule
+
+from dti_sprites.callbacks import SpriteFreeze, SpriteReassignment
+from dti_sprites.model import DTISprites
+from dti_sprites.module import DTISpritesModule
+
+
+class Record(L.Callback):
+    def __init__(self, out: Path):
+        self.out = out
+        self.local, self.logged = [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.local.append(float(outputs["loss"]))
+        self.logged.append(float(trainer.callback_metrics["train/mse"]))
+
+    def on_fit_end(self, trainer, pl_module):
+        reassign = next(c for c in trainer.callbacks if isinstance(c, SpriteReassignment))
+        torch.save(
+            {
+                "state_dict": pl_module.model.state_dict(),
+                "local": self.local,
+                "logged": self.logged,
+                "events": reassign.events,
+                "world_size": trainer.world_size,
+            },
+            self.out / f"rank{trainer.global_rank}.pt",
+        )
+
+
+def main(out: Path) -> None:
+    L.seed_everything(0, verbose=False)
+    model = DTISprites(
+        image_size=20,
+        n_sprites=3,
+        n_layers=2,
+        n_backgrounds=1,
+        sprite_size=12,
+        mask_std=3,
+        empty_sprite=False,
+        occlusion="predicted",
+        greedy_passes=2,
+        sprite_transforms=["similarity"],
+        background_transforms=["color"],
+    )
+    module = DTISpritesModule(model, lr=1e-2)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp", max_epochs=3, limit_val_batches=0,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[SpriteFreeze(epochs=1), SpriteReassignment(every_n_steps=3, threshold=10.0),
+                   Record(out)],
+    )  # fmt: skip
+    # 48 scenes, batch 4 per process: 6 steps per epoch, 18 in all.
+    trainer.fit(module, SquaresDataModule(n=48, batch_size=4))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

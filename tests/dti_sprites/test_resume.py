@@ -1,0 +1,103 @@
+"""Exact resume, atomic checkpoints, and a non-finite loss stopping the run (issue 6)."""
+
+import errno
+
+import fsspec.implementations.local
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from dti_sprites.callbacks import Curriculum, LRDrops, SpriteFreeze, SpriteReassignment
+from dti_sprites.model import DTISprites
+from dti_sprites.module import DTISpritesModule
+
+MODEL = dict(image_size=20, n_sprites=3, n_layers=2, n_backgrounds=1, sprite_size=12, mask_std=3,
+             empty_sprite=False, occlusion="predicted", greedy_passes=1,
+             sprite_transforms=["similarity"], background_transforms=["color"])  # fmt: skip
+EPOCHS, BATCHES = 6, 2  # 12 steps; the interrupted run stops after epoch 3 (step 6)
+
+
+def callbacks():
+    return [
+        SpriteFreeze(epochs=1),  # ends at epoch 1 (first half)
+        Curriculum(sprite=[4]),  # switches the similarity on at epoch 4 (second half)
+        LRDrops(milestones=[2, 5], gammas=[1.0, 0.1]),  # one drop in each half
+        # Every sprite counts as unused: a reassignment at steps 4, 8 and 12; 2 steps are
+        # pending at the interruption.
+        SpriteReassignment(every_n_steps=4, threshold=10.0),
+    ]
+
+
+def run(tmp_path, squares, max_epochs, ckpt_path=None):
+    L.seed_everything(0, verbose=False)
+    module = DTISpritesModule(DTISprites(**MODEL), lr=1e-2)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer = L.Trainer(default_root_dir=tmp_path, max_epochs=max_epochs,
+                        limit_train_batches=BATCHES, limit_val_batches=0, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[*callbacks(), checkpoint], deterministic=True)  # fmt: skip
+    trainer.fit(module, squares(n=8), ckpt_path=ckpt_path)
+    return trainer, module
+
+
+def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path, squares):
+    full_trainer, full = run(tmp_path / "full", squares, EPOCHS)
+    _, _half = run(tmp_path / "split", squares, EPOCHS // 2)
+    resumed_trainer, resumed = run(tmp_path / "split", squares, EPOCHS, ckpt_path="last")
+    assert resumed_trainer.global_step == full_trainer.global_step == EPOCHS * BATCHES
+    events = next(c for c in resumed_trainer.callbacks if isinstance(c, SpriteReassignment)).events
+    assert sorted({e["step"] for e in events}) == [4, 8, 12]  # restored across the resume
+    for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items(),
+                                 strict=True):  # fmt: skip
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    full_opt = full_trainer.optimizers[0].state_dict()
+    resumed_opt = resumed_trainer.optimizers[0].state_dict()
+    assert [g["lr"] for g in full_opt["param_groups"]] == [
+        g["lr"] for g in resumed_opt["param_groups"]
+    ]
+    for key, state in full_opt["state"].items():
+        for field, value in state.items():
+            torch.testing.assert_close(value, resumed_opt["state"][key][field], rtol=0, atol=0)
+
+
+def test_a_failed_checkpoint_write_leaves_the_last_good_one(tmp_path, squares, monkeypatch):
+    trainer, _module = run(tmp_path, squares, 1)
+    last = tmp_path / "ckpt" / "last.ckpt"
+    good = last.read_bytes()
+
+    def disk_full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fsspec.implementations.local.LocalFileOpener, "write", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        trainer.save_checkpoint(last)
+    assert last.read_bytes() == good
+    assert sorted(p.name for p in last.parent.iterdir()) == ["epoch=0-step=2.ckpt", "last.ckpt"]
+
+
+class PoisonAt(L.Callback):
+    """Makes the loss NaN from the given step on (by poisoning the input images)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step >= self.step:
+            batch["image"][:] = float("nan")
+
+
+def test_nonfinite_loss_stops_and_names_the_step_and_last_checkpoint(tmp_path, squares):
+    L.seed_everything(0, verbose=False)
+    module = DTISpritesModule(DTISprites(**MODEL))
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer = L.Trainer(default_root_dir=tmp_path, max_epochs=3, limit_train_batches=2,
+                        limit_val_batches=0, logger=False, enable_progress_bar=False,
+                        callbacks=[checkpoint, PoisonAt(3)])  # fmt: skip
+    with pytest.raises(FloatingPointError, match=r"global step 3 .*last\.ckpt"):
+        trainer.fit(module, squares(n=8))
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert saved["global_step"] == 2  # the last good state, intact
+    assert all(
+        torch.isfinite(v).all() for v in saved["state_dict"].values() if v.is_floating_point()
+    )
