@@ -130,9 +130,9 @@ def usage_chart(counts: Tensor, bar_width: int = 12, height: int = 110) -> Image
     """A bar chart of sprite usage per layer, drawn with PIL (no matplotlib).
 
     counts (L, K0 + 1): one panel per layer, one bar per sprite in its semantic colour (the
-    last bar, grey, labelled ``e``, is the empty sprite); bar height = share of that layer's choices, on a
-    common 0–100 % axis. Returns an RGB image of width ``margin + (K0+1)·bar_width`` and
-    ``L`` panels of ``height`` pixels plus labels.
+    last bar, grey, labelled ``e``, is the empty sprite); bar height = share of that layer's
+    choices, on a common 0–100 % axis. Returns an RGB image of width
+    ``margin + (K0+1)·bar_width`` and ``L`` panels of ``height`` pixels plus labels.
     """
     n_layers, n_bars = counts.shape
     share = counts.double() / counts.sum(1, keepdim=True).clamp(min=1)  # (L, K0 + 1)
@@ -251,7 +251,7 @@ class SpriteDashboard(L.Callback):
       :class:`SpriteReassignment` callbacks in ``trainer.callbacks``.
 
     W&B (when a :class:`WandbLogger` is attached): images ``dashboard/{sprites, backgrounds,
-    decompositions, usage}``, a table ``dashboard/usage`` (layer, sprite, count, share) and a
+    decompositions, usage}``, a table ``dashboard/usage_table`` (layer, sprite, count, share) and a
     bar chart ``dashboard/usage_layer<l>`` per layer, a table ``dashboard/reassignments``
     (logged when new events happened). Every training step, the scalars ``stage/sprites_frozen``
     and ``stage/active_<group>_transforms`` (curriculum: active modules of the layer, sprite and
@@ -366,7 +366,7 @@ class SpriteDashboard(L.Callback):
             f"dashboard/{name}": wandb.Image(array, caption=name) for name, array in media.items()
         }
         if usage_rows:
-            payload["dashboard/usage"] = wandb.Table(
+            payload["dashboard/usage_table"] = wandb.Table(
                 columns=["layer", "sprite", "count", "share"], data=usage_rows
             )
             for layer in sorted({row[0] for row in usage_rows}):

@@ -121,17 +121,26 @@ def test_dashboard_writes_wandb_media_offline_and_the_same_pngs(offline_wandb, s
     # The offline W&B run folder holds the images and the tables.
     (run,) = (tmp_path / "wandb").glob("offline-run-*")
     media = run / "files" / "media"
-    images = {p.relative_to(media / "images").parts[:-1] + (p.name.rsplit("_", 2)[0],)
-              for p in (media / "images").rglob("*.png")}  # fmt: skip
+    images = {
+        (*p.relative_to(media / "images").parts[:-1], p.name.rsplit("_", 2)[0])
+        for p in (media / "images").rglob("*.png")
+    }
     for name in (("dashboard", "sprites"), ("dashboard", "backgrounds"),
                  ("dashboard", "decompositions"), ("dashboard", "usage"),
                  ("val", "paper320", "worst"), ("test", "heldout", "worst")):  # fmt: skip
         assert name in images, name
     tables = {str(p.relative_to(media / "table")).rsplit("_", 2)[0]: p
               for p in (media / "table").rglob("*.table.json")}  # fmt: skip
-    for name in ("dashboard/usage", "dashboard/usage_layer0_table", "dashboard/usage_layer1_table",
-                 "dashboard/reassignments", "val/metrics_table", "val/ari_fg_table",
-                 "test/metrics_table", "test/ari_fg_table"):  # fmt: skip
+    for name in (
+        "dashboard/usage_table",
+        "dashboard/usage_layer0_table",
+        "dashboard/usage_layer1_table",
+        "dashboard/reassignments",
+        "val/metrics_table",
+        "val/ari_fg_table",
+        "test/metrics_table",
+        "test/ari_fg_table",
+    ):
         assert name in tables, name
     logged_table = json.loads(tables["test/ari_fg_table"].read_text())
     assert logged_table["columns"] == ["protocol", "index", "ari_fg", "image", "reconstruction",

@@ -65,11 +65,27 @@ def test_tps_uniform_displacement_is_a_translation():
     torch.testing.assert_close(y[..., :-shift, :], x[..., shift:, :], atol=1e-9, rtol=0)
 
 
-def test_similarity_quarter_turn_is_rot90():
+QUARTER_TURN = {  # parameters whose matrix is [[0, -1, 0], [1, 0, 0]] (cos = 0, sin = 1)
+    "similarity": [-1.0, 1.0, 0.0, 0.0],
+    "affine": [-1.0, -1.0, 0.0, 1.0, -1.0, 0.0],
+    "projective": [-1.0, -1.0, 0.0, 1.0, -1.0, 0.0, 0.0, 0.0],
+}
+
+
+@pytest.mark.parametrize("name", sorted(QUARTER_TURN))
+def test_quarter_turn_is_rot90(name):
     x = stack()
-    params = torch.tensor([[-1.0, 1.0, 0.0, 0.0]]).expand(len(x), -1)  # cos = 0, sin = 1
-    y = make_transform("similarity", SIZE, SIZE)(x, params)
+    params = torch.tensor([QUARTER_TURN[name]]).expand(len(x), -1)
+    y = make_transform(name, SIZE, SIZE)(x, params)
     torch.testing.assert_close(y, torch.rot90(x, 1, dims=(-2, -1)), atol=1e-12, rtol=0)
+
+
+def test_position_known_translation():
+    canvas = torch.rand(2, 1, 4, 8, 8)
+    shift = 2  # pixels of the 16×16 image; the canvas is shown at scale 1/2 at s = 0
+    params = torch.tensor([[0.0, -2 * 2 * shift / 16, 0.0]]).expand(2, -1)
+    y = PositionTransform((16, 16))(canvas, params)
+    torch.testing.assert_close(y[..., 4:12, 4 + shift : 12 + shift], canvas, atol=1e-12, rtol=0)
 
 
 def test_color_transform_recolours_rgb_only():
