@@ -21,7 +21,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from jsonargparse.typing import PositiveInt
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 from lightning.pytorch.loggers import WandbLogger
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
@@ -246,7 +246,8 @@ class SpriteDashboard(L.Callback):
     - ``images/decompositions.png``: for ``n_images`` fixed training images, rows of input,
       reconstruction, semantic map, instance map and each layer;
     - ``images/usage.png`` and ``tables/usage.csv``: sprite usage per layer (share of the
-      choices since the previous drawing; the grey bar is the empty sprite);
+      choices since the previous drawing, in rank 0's batches under DDP; the grey bar is the
+      empty sprite);
     - ``tables/reassignments.csv``: every reassignment event (step, src, dst) of the
       :class:`SpriteReassignment` callbacks in ``trainer.callbacks``.
 
@@ -275,7 +276,10 @@ class SpriteDashboard(L.Callback):
     """
 
     def __init__(
-        self, every_n_steps: PositiveInt = 500, n_images: PositiveInt = 8, n_worst: int = 64
+        self,
+        every_n_steps: PositiveInt = 500,
+        n_images: PositiveInt = 8,
+        n_worst: NonNegativeInt = 64,
     ) -> None:
         self.every_n_steps = every_n_steps
         self.n_images = n_images

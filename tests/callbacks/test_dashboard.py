@@ -1,5 +1,8 @@
 import csv
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -218,3 +221,49 @@ def test_eval_records_keep_the_worst_images_and_merge_ranks():
     records.merge(other)
     assert records.index == [0, 1, 2, 3, 4, 5, 6]
     assert records.worst_index.tolist() == [6, 3, 1]
+
+
+DDP_SCRIPT = """
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+
+sys.path.insert(0, {tests!r})
+from conftest import SquaresDataModule
+
+from dti_sprites.callbacks import SpriteDashboard
+from dti_sprites.model import DTISprites
+from dti_sprites.module import DTISpritesModule
+
+torch.set_num_threads(1)
+L.seed_everything(0, verbose=False)
+model = DTISprites(image_size=20, n_sprites=3, n_layers=2, n_backgrounds=1, sprite_size=12,
+                   mask_std=3, occlusion="predicted")
+trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False,
+                    default_root_dir={out!r}, enable_progress_bar=False,
+                    enable_model_summary=False, callbacks=[SpriteDashboard(n_worst=3)])
+per_loader = trainer.test(DTISpritesModule(model), SquaresDataModule(n=8), verbose=False)
+if trainer.is_global_zero:
+    torch.save({{k: v for r in per_loader for k, v in r.items()}}, Path({out!r}) / "results.pt")
+"""
+
+
+@pytest.mark.slow
+def test_dashboard_gathers_per_image_rows_from_every_ddp_rank(tmp_path):
+    script = tmp_path / "ddp_dashboard.py"
+    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parents[1]), out=str(tmp_path)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PL_DISABLE_FORK": "1"}
+    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
+                            text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    results = torch.load(tmp_path / "results.pt", weights_only=False)
+    rows = read_csv(tmp_path / "tables" / "test_ari_fg.csv")
+    for protocol in ("paper320", "heldout"):
+        mine = [r for r in rows if r["protocol"] == protocol]
+        assert sorted(int(r["index"]) for r in mine) == list(range(8))  # both halves, once
+        mean = np.mean([float(r["ari_fg"]) for r in mine])
+        assert mean == pytest.approx(results[f"test/{protocol}/ari_fg"], abs=1e-6)
+    with Image.open(tmp_path / "images" / "test_paper320_worst.png") as worst:
+        assert worst.size == (3 * 21 + 1, 4 * 21 + 1)

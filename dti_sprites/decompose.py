@@ -1,0 +1,311 @@
+"""``dti-sprites-decompose``: decompose any images with a trained model.
+
+    dti-sprites-decompose --ckpt CKPT --input FILE.h5|FOLDER --out predictions.h5
+        [--png DIR] [--batch-size B] [--device auto|cpu|cuda|cuda:1]
+
+Inputs:
+
+- an HDF5 file with ``image`` (N, H, W, 3 or 1) uint8 at the model's image size (the files of
+  ``dti-sprites-data``); images are not resized, a size mismatch is an error;
+- a folder of .jpg / .jpeg / .png images (searched recursively, sorted by path); each is
+  resized so its short side is the model's image size S, then centre-cropped to S × S (the
+  rule of ``ImageFolderDataModule``).
+
+``predictions.h5`` holds the datasets of ``dti-sprites predict`` (``Decomposition.to_arrays``):
+``reconstruction`` (N, S, S, 3) uint8, ``instance`` and ``semantic`` (N, S, S) uint8, ``layers``
+(N, L, S, S, 4) uint8 RGBA, ``sprite_choice`` (N, L) int16 (−1 = empty), plus ``index`` (N,)
+int64 (row of the input), ``source_index`` (N,) int64 for an HDF5 input (the file's
+``source_index`` if it has one, else the row) and ``path`` (N,) str for a folder input
+(relative to the folder). Attributes: ``checkpoint``, ``input``, ``model_config`` (JSON).
+
+With ``--png DIR``, for image i (row i of predictions.h5): ``<i>_layer<l>.png`` (RGBA of layer
+l, transparent where the layer is empty), ``<i>_reconstruction.png`` and ``<i>.json``
+(``index``; ``source``: the input's ``source_index`` or relative path; ``sprite_choice`` per
+layer, ``null`` for the empty sprite; per layer the selected transformation parameters,
+``Decomposition.params``, ``layer/*`` always and ``sprite/*`` for a non-empty layer; the
+background index and its parameters).
+
+Outputs are atomic: predictions.h5 is written under ``<out>.tmp`` and renamed at the end; the
+PNG and JSON files are staged in a hidden folder next to DIR and moved into DIR at the end
+(existing files of the same name are replaced, others are kept); nothing is left behind when an
+error stops the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+from PIL import Image
+
+from dti_sprites.callbacks.predictions import PredictionFile
+from dti_sprites.datamodules.images import IMAGE_EXTENSIONS, ImageReadError, _find_images, _load
+from dti_sprites.datamodules.images import _Record as ImageRecord
+from dti_sprites.model import Decomposition, DTISprites
+
+__all__ = ["DecomposeError", "decompose", "image_batches", "main", "png_outputs"]
+
+PROG = "dti-sprites-decompose"
+
+
+class DecomposeError(Exception):
+    """A user-facing problem (missing file, wrong size, unreadable input); names the path."""
+
+
+# ------------------------------------------------------------------------------------- inputs
+def load_model(ckpt: Path, device: torch.device) -> DTISprites:
+    """The trained model of a ``dti-sprites fit`` checkpoint, in eval mode on ``device``."""
+    if not ckpt.is_file():
+        raise DecomposeError(f"checkpoint not found: {ckpt}")
+    try:
+        model = DTISprites.from_checkpoint(ckpt, map_location="cpu")
+    except ValueError as err:
+        raise DecomposeError(str(err)) from err
+    except Exception as err:  # unpickling / zip / key errors of a damaged or foreign file
+        raise DecomposeError(f"cannot read checkpoint {ckpt}: {err}") from err
+    return model.to(device).eval()
+
+
+def _hdf5_batches(path: Path, size: int, batch_size: int) -> Iterator[dict[str, Any]]:
+    try:
+        f = h5py.File(path, "r")
+    except OSError as err:
+        raise DecomposeError(f"cannot read {path} as an HDF5 file: {err}") from err
+    with f:
+        if "image" not in f or not isinstance(f["image"], h5py.Dataset):
+            raise DecomposeError(
+                f"{path}: no dataset 'image' (expected (N, H, W, 3) uint8 images; keys present: "
+                f"{', '.join(sorted(f.keys())) or 'none'})"
+            )
+        images = f["image"]
+        if images.ndim != 4 or images.shape[3] not in (1, 3) or images.dtype != np.uint8:
+            raise DecomposeError(
+                f"{path}: 'image' has shape {images.shape} and dtype {images.dtype}, expected "
+                "(N, H, W, 3) or (N, H, W, 1) uint8"
+            )
+        if images.shape[1:3] != (size, size):
+            raise DecomposeError(
+                f"{path}: images are {images.shape[1]}×{images.shape[2]} but the model was "
+                f"trained on {size}×{size}. Note: HDF5 inputs are used as they are; convert the "
+                f"data at {size}×{size}, or pass a folder of images (resized and centre-cropped "
+                "to the model's size)."
+            )
+        n = images.shape[0]
+        if n == 0:
+            raise DecomposeError(f"{path}: 'image' holds no images")
+        source = f.get("source_index")
+        if source is not None and (source.ndim != 1 or source.shape[0] != n):
+            raise DecomposeError(
+                f"{path}: 'source_index' has shape {source.shape}, expected ({n},)"
+            )
+        for start in range(0, n, batch_size):
+            stop = min(start + batch_size, n)
+            image = torch.from_numpy(images[start:stop]).permute(0, 3, 1, 2)  # (B, C, H, W)
+            rows = np.arange(start, stop, dtype=np.int64)
+            src = rows if source is None else source[start:stop].astype(np.int64)
+            yield {"image": image.expand(-1, 3, -1, -1), "index": rows, "source_index": src}
+
+
+def _folder_batches(folder: Path, size: int, batch_size: int) -> Iterator[dict[str, Any]]:
+    files = _find_images(folder, recursive=True)
+    if not files:
+        raise DecomposeError(f"no {'/'.join(IMAGE_EXTENSIONS)} image under {folder}")
+    for start in range(0, len(files), batch_size):
+        chunk = files[start : start + batch_size]
+        try:
+            image = torch.stack(
+                [_load(ImageRecord(p), size, "crop")[0] for p in chunk]
+            )  # (B, 3, S, S) uint8
+        except ImageReadError as err:
+            raise DecomposeError(str(err)) from err
+        rows = np.arange(start, start + len(chunk), dtype=np.int64)
+        paths = np.array([str(p.relative_to(folder)) for p in chunk], dtype=object)
+        yield {"image": image, "index": rows, "path": paths}
+
+
+def image_batches(source: Path, size: int, batch_size: int) -> Iterator[dict[str, Any]]:
+    """Batches of an HDF5 file or an image folder, in order.
+
+    Each batch: ``image`` (B, 3, S, S) uint8 tensor, ``index`` (B,) int64 row; plus
+    ``source_index`` (B,) int64 (HDF5) or ``path`` (B,) str relative to the folder.
+    """
+    if source.is_dir():
+        return _folder_batches(source, size, batch_size)
+    if source.is_file():
+        return _hdf5_batches(source, size, batch_size)
+    raise DecomposeError(f"input not found: {source} (expected an HDF5 file or an image folder)")
+
+
+# ------------------------------------------------------------------------------------ outputs
+def _write_png(array: np.ndarray, path: Path) -> None:
+    Image.fromarray(array).save(path, format="PNG")
+
+
+def png_outputs(
+    out: Decomposition,
+    arrays: dict[str, np.ndarray],
+    rows: np.ndarray,
+    sources: np.ndarray,
+    folder: Path,
+) -> None:
+    """Per image b of the batch: ``<i>_layer<l>.png`` (H, W, 4) RGBA, ``<i>_reconstruction.png``
+    (H, W, 3) and ``<i>.json``, with i = ``rows[b]`` (its row in predictions.h5).
+
+    ``arrays`` are ``out.to_arrays()``; rows (B,) int; sources (B,) the input's ``source_index``
+    or relative path, recorded in the JSON as ``source``. Files go straight into ``folder``.
+    """
+    params = {name: value.detach().cpu().double().numpy() for name, value in out.params.items()}
+    choice = out.sprite_choice.cpu().tolist()  # (B, L)
+    background = out.background_choice.cpu().tolist()  # (B,)
+    for b, row in enumerate(rows.tolist()):
+        for layer in range(arrays["layers"].shape[1]):
+            _write_png(arrays["layers"][b, layer], folder / f"{row}_layer{layer}.png")
+        _write_png(arrays["reconstruction"][b], folder / f"{row}_reconstruction.png")
+        layers = []
+        for layer, k in enumerate(choice[b]):
+            entry: dict[str, Any] = {"layer": layer, "sprite": None if k < 0 else k, "params": {}}
+            for name, value in params.items():  # layer/* and sprite/*: (B, L, P)
+                if name.startswith("layer/") or (name.startswith("sprite/") and k >= 0):
+                    entry["params"][name] = value[b, layer].tolist()
+            layers.append(entry)
+        source = sources[b]
+        record = {
+            "index": row,
+            "source": source.item() if isinstance(source, np.generic) else source,
+            "sprite_choice": [None if k < 0 else k for k in choice[b]],
+            "layers": layers,
+            "background": {
+                "index": background[b],
+                "params": {
+                    name: value[b].tolist()
+                    for name, value in params.items()
+                    if name.startswith("background/")
+                },
+            },
+        }
+        (folder / f"{row}.json").write_text(json.dumps(record, indent=1))
+
+
+@torch.no_grad()
+def decompose(
+    model: DTISprites,
+    source: Path,
+    out_path: Path,
+    png_dir: Path | None = None,
+    batch_size: int = 32,
+    attrs: dict[str, Any] | None = None,
+) -> int:
+    """Decompose every image of ``source`` (HDF5 file or folder) into ``out_path``.
+
+    Returns the number of images. Writes atomically (see the module docstring); on an error,
+    no output appears and the error propagates.
+    """
+    device = next(model.parameters()).device
+    size = model.image_size
+    file = PredictionFile(out_path, attrs)
+    staging: Path | None = None
+    if png_dir is not None:
+        png_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{png_dir.name}.tmp-", dir=png_dir.parent))
+    paths: list[str] = []
+    try:
+        for batch in image_batches(source, size, batch_size):
+            image = batch["image"].to(device).float().div_(255)  # (B, 3, S, S)
+            out = model(image)
+            arrays = out.to_arrays()
+            arrays["index"] = batch["index"]
+            if "source_index" in batch:
+                arrays["source_index"] = batch["source_index"]
+            file.append(arrays)
+            paths += batch.get("path", np.array([], dtype=object)).tolist()
+            if staging is not None:
+                sources = batch["path"] if "path" in batch else batch["source_index"]
+                png_outputs(out, arrays, batch["index"], sources, staging)
+        if paths:
+            file.file.create_dataset("path", data=paths, dtype=h5py.string_dtype())
+        count = file.count
+    except BaseException:
+        file.close(commit=False)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if staging is not None:
+        assert png_dir is not None
+        png_dir.mkdir(exist_ok=True)
+        for path in sorted(staging.iterdir()):
+            os.replace(path, png_dir / path.name)
+        staging.rmdir()
+    file.close(commit=True)
+    return count
+
+
+# ----------------------------------------------------------------------------------- command
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise DecomposeError(f"--device {name!r}: {err}") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DecomposeError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command-line parser of ``dti-sprites-decompose``."""
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Decompose images (an HDF5 file or a folder) with a trained DTI-Sprites "
+        "model into predictions.h5, and optionally per-layer PNGs with a JSON of the chosen "
+        "sprites and transformation parameters.",
+    )
+    p.add_argument("--ckpt", type=Path, required=True, help="checkpoint of `dti-sprites fit`")
+    p.add_argument("--input", type=Path, required=True, help="HDF5 file or image folder")
+    p.add_argument("--out", type=Path, required=True, help="predictions .h5 file to write")
+    p.add_argument(
+        "--png",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="also write per-layer RGBA PNGs, reconstructions and JSONs here",
+    )
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:N")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``dti-sprites-decompose``; returns the exit status (0 = success)."""
+    args = parser().parse_args(argv)
+    try:
+        if args.batch_size < 1:
+            raise DecomposeError(f"--batch-size must be >= 1, got {args.batch_size}")
+        device = _device(args.device)
+        model = load_model(args.ckpt, device)
+        attrs = {
+            "checkpoint": str(args.ckpt),
+            "input": str(args.input),
+            "model_config": json.dumps(model.config),
+        }
+        n = decompose(model, args.input, args.out, args.png, args.batch_size, attrs)
+    except DecomposeError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 1
+    extra = f" and {args.png}/" if args.png is not None else ""
+    print(f"{PROG}: {n} images decomposed into {args.out}{extra}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
