@@ -158,8 +158,13 @@ class DTISpritesModule(L.LightningModule):
                 group["fg_iou"] = ForegroundIoU()
                 if n_classes:
                     group["clustering"] = ClusteringAccuracy(n_classes, num_clusters=k0)
-            metrics[protocol] = torch.nn.ModuleDict(group)
+            metrics[self._metric_key(protocol)] = torch.nn.ModuleDict(group)
         self.metrics = torch.nn.ModuleDict(metrics)
+
+    @staticmethod
+    def _metric_key(protocol: str) -> str:
+        """ModuleDict key of a protocol (a bare ``train`` would clash with ``Module.train``)."""
+        return f"protocol_{protocol}"
 
     def _eval_step(
         self, stage: str, batch: dict[str, Tensor], dataloader_idx: int
@@ -174,7 +179,8 @@ class DTISpritesModule(L.LightningModule):
             sync_dist=True,
             add_dataloader_idx=False,
         )
-        metrics = self.metrics[protocol] if protocol in self.metrics else {}
+        key = self._metric_key(protocol)
+        metrics = self.metrics[key] if key in self.metrics else {}
         result: dict[str, Tensor] = {}
         if "ari" in metrics and "mask" in batch:
             instance_fg = out.instance_fg(image)
@@ -194,7 +200,8 @@ class DTISpritesModule(L.LightningModule):
     def _log_metrics(self, stage: str) -> dict[str, float]:
         """Compute (synced across ranks), log and reset every metric that saw data."""
         values: dict[str, float] = {}
-        for protocol, group in self.metrics.items():
+        for key, group in self.metrics.items():
+            protocol = key.removeprefix("protocol_")
             for name, metric in group.items():
                 if not metric.update_called:
                     continue
@@ -208,7 +215,7 @@ class DTISpritesModule(L.LightningModule):
         return values
 
     def on_validation_epoch_start(self) -> None:
-        if set(self._protocols()) != set(self.metrics.keys()):
+        if {self._metric_key(p) for p in self._protocols()} != set(self.metrics.keys()):
             self._make_metrics()
 
     on_test_epoch_start = on_validation_epoch_start

@@ -1,8 +1,13 @@
+import numpy as np
 import pytest
+import scipy.io
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 
 from dti_sprites.datamodules.base import DTIDataModule
+from dti_sprites.datamodules.convert import convert
+from dti_sprites.datamodules.synth import write_synthetic
 
 
 @pytest.fixture
@@ -66,3 +71,63 @@ class SquaresDataModule(DTIDataModule):
 def squares():
     """Factory of SquaresDataModule."""
     return SquaresDataModule
+
+
+def _save_image(path, array):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+@pytest.fixture(scope="session")
+def experiment_data(tmp_path_factory):
+    """Tiny data for every DataModule the experiment configs name, in the real on-disk formats.
+
+    Multi-object HDF5 files come from our generator in the exact DeepMind encoding, converted by
+    our converter; single-object folders follow torchvision's / the datasets' layouts.
+    Returns {DataModule class name: path for ``path`` / ``root``}.
+    """
+    root = tmp_path_factory.mktemp("experiment_data")
+    out = {}
+    for module, dataset, source, variant, n in [
+        ("TetrominoesDataModule", "tetrominoes", "tetrominoes", None, 12),
+        ("MultiDSpritesDataModule", "multi_dsprites", "multi_dsprites", "colored_on_grayscale", 12),
+        ("CLEVR6DataModule", "clevr6", "clevr_with_masks", None, 40),
+    ]:
+        tfrecord = write_synthetic(source, root / f"{dataset}.tfrecords", n=n, seed=0,
+                                   variant=variant)  # fmt: skip
+        convert(dataset, tfrecord, root / f"{dataset}.h5", variant=variant, progress=False)
+        out[module] = root / f"{dataset}.h5"
+    rng = np.random.default_rng(0)
+
+    def noise(h, w):
+        return rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+    gtsrb = root / "gtsrb_root" / "gtsrb" / "GTSRB"
+    for c in (3, 7, 9, 11, 17, 18, 25, 35):
+        _save_image(gtsrb / "Training" / f"{c:05d}" / "00000_00000.ppm", noise(30, 32))
+    lines = ["Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId"]
+    for i, c in enumerate((3, 7, 9)):
+        _save_image(gtsrb / "Final_Test" / "Images" / f"{i:05d}.ppm", noise(30, 32))
+        lines.append(f"{i:05d}.ppm;32;30;1;1;30;28;{c}")
+    (gtsrb.parent / "GT-final_test.csv").write_text("\n".join(lines) + "\n")
+    out["GTSRB8DataModule"] = root / "gtsrb_root"
+    svhn = root / "svhn"
+    svhn.mkdir()
+    for split in ("train", "test", "extra"):
+        x = rng.integers(0, 256, (32, 32, 3, 4), dtype=np.uint8)
+        scipy.io.savemat(
+            svhn / f"{split}_32x32.mat", {"X": x, "y": np.array([[10], [1], [2], [3]])}
+        )
+    out["SVHNDataModule"] = svhn
+    horse = root / "horse"
+    for i in range(4):
+        _save_image(horse / "horse" / f"h{i}.png", noise(140, 150))
+        mask = np.zeros((140, 150), np.uint8)
+        mask[30:100, 40:120] = 255
+        _save_image(horse / "mask" / f"h{i}.png", mask)
+    out["WeizmannHorseDataModule"] = horse
+    folder = root / "instagram"
+    for i in range(4):
+        _save_image(folder / f"post{i}.jpg", noise(150, 200))
+    out["ImageFolderDataModule"] = folder
+    return out
