@@ -5,8 +5,8 @@ HDF5 layout, at the file root (N converted records, E entities, H×W after the p
 - ``image``         (N, H, W, 3) uint8 (binarized Multi-dSprites: the grey channel repeated)
 - ``mask``          (N, H, W) uint8 label map: 0 = background (entity 0), k = entity k
 - ``semantic``      (N, H, W) uint8 class map, 0 = background: Tetrominoes the shape id 1..19,
-                    Multi-dSprites the shape 1..3 (square, ellipse, heart), CLEVR the ``shape``
-                    code of the object; absent for Objects Room (no object classes)
+                    Multi-dSprites the shape 1..3 (square, ellipse, heart), CLEVR shape ×
+                    material 1..6 (see ``schemas.entity_classes``); absent for Objects Room
 - ``visibility``    (N, E) float32 as stored (Objects Room: derived, 1 where the mask is non-empty)
 - ``source_index``  (N,) int64 record index in the source file
 - every other feature under its source name, (N, *stored shape), stored dtype
@@ -42,6 +42,7 @@ from tqdm import tqdm
 from dti_sprites.datamodules.schemas import (
     Schema,
     decode_example,
+    entity_classes,
     entity_first_masks,
     get_schema,
     resolve_variant,
@@ -106,11 +107,12 @@ PROTOCOLS: dict[str, Protocol] = {
     "objects_room": Protocol(),
 }
 
-_NUM_CLASSES = {"tetrominoes": 20, "multi_dsprites": 4, "clevr_with_masks": 4, "objects_room": 0}
+_NUM_CLASSES = {"tetrominoes": 20, "multi_dsprites": 4, "clevr_with_masks": 7, "objects_room": 0}
 _SEMANTIC = {
     "tetrominoes": "shape id 1..19 of the piece (0 = background)",
     "multi_dsprites": "shape 1 square, 2 ellipse, 3 heart (0 = background)",
-    "clevr_with_masks": "the object's `shape` code (0 = background)",
+    "clevr_with_masks": "1 + 2*(shape - 1) + (material - 1): shape x material, 1..6 "
+    "(0 = background)",
     "objects_room": "absent: Objects Room has no object classes",
 }
 
@@ -271,8 +273,7 @@ def _process(
     image, label = _apply_geometry(image, label, protocol)
     rows = {"image": image, "mask": label}
     if schema.class_feature is not None:
-        classes = np.rint(batch[schema.class_feature]).clip(0, 255).astype(np.uint8)  # (N, E)
-        rows["semantic"] = _semantic_map(label, classes)
+        rows["semantic"] = _semantic_map(label, entity_classes(schema, batch))
     if "visibility" in batch:
         rows["visibility"] = batch["visibility"]
     else:

@@ -61,10 +61,10 @@ PredictSplit = Literal["paper320", "heldout", "train"]
 MultiDSpritesVariant = Literal["colored_on_grayscale", "colored_on_colored", "binarized"]
 Sample = dict[str, Tensor]
 
-CLEVR6_SEMANTIC_CLASSES = 4
-"""CLEVR6 classes when the file has no ``num_semantic_classes`` attribute: background + the
-``shape`` code the converter writes to ``semantic`` (cube, sphere, cylinder). The authors' code
-declares 7 for CLEVR6 with a class definition it does not state."""
+CLEVR6_SEMANTIC_CLASSES = 7
+"""CLEVR6 classes when the file has no ``num_semantic_classes`` attribute: background + shape ×
+material (cube, sphere, cylinder × rubber, metal), as the converter writes ``semantic``
+(``schemas.entity_classes``); 7 is also the authors' count."""
 
 
 class HDF5FormatError(ValueError):

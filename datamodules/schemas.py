@@ -300,3 +300,24 @@ def entity_first_masks(schema: Schema, mask: np.ndarray) -> np.ndarray:
     if schema.mask_layout == "entity_last":
         masks = np.moveaxis(masks, -1, -3)  # (..., E, H, W)
     return masks
+
+
+def entity_classes(schema: Schema, batch: dict[str, np.ndarray]) -> np.ndarray:
+    """Semantic class of every entity, (N, E) uint8, 0 = background or no object.
+
+    Tetrominoes: the shape id 1..19; Multi-dSprites: the shape 1..3. CLEVR: shape × material,
+    ``1 + 2·(shape − 1) + (material − 1)`` in 1..6 (cube, sphere, cylinder × rubber, metal), the
+    6 classes that CLEVR6's 6 sprites are meant to find (the authors' code counts 7 classes with
+    the background).
+    """
+    if schema.class_feature is None:
+        raise ValueError(f"{schema.dataset} has no object classes")
+    if schema.dataset == "clevr_with_masks":
+        shape = np.rint(batch["shape"]).astype(np.int64)
+        material = np.rint(batch["material"]).astype(np.int64)
+        classes = np.where((shape > 0) & (material > 0), 1 + 2 * (shape - 1) + (material - 1), 0)
+    else:
+        classes = np.rint(batch[schema.class_feature])
+    classes = classes.clip(0, 255).astype(np.uint8)  # (N, E)
+    classes[..., 0] = 0  # entity 0 is the background
+    return classes

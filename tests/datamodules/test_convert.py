@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from dti_sprites.datamodules import convert as convert_module
 from dti_sprites.datamodules.convert import convert, h5_name
-from dti_sprites.datamodules.schemas import SCHEMAS, decode_example, get_schema
+from dti_sprites.datamodules.schemas import SCHEMAS, decode_example, entity_classes, get_schema
 from dti_sprites.datamodules.synth import synthesize, write_synthetic
 from dti_sprites.datamodules.tfrecord import TFRecordError, iter_examples, write_examples
 
@@ -83,8 +83,7 @@ def test_synth_convert_h5(
                 rows["image"][row], np.broadcast_to(image, (side, side, 3))
             )
         if schema.class_feature is not None:
-            classes = np.rint(record[schema.class_feature]).astype(int)
-            classes[0] = 0
+            classes = entity_classes(schema, {k: v[None] for k, v in record.items()})[0]
             np.testing.assert_array_equal(rows["semantic"][row], classes[label])
         for name in schema.factor_names:
             np.testing.assert_array_equal(rows[name][row], record[name])
@@ -344,3 +343,11 @@ def test_semantic_class_count_attribute(tmp_path: Path) -> None:
     tetro = write_synthetic("tetrominoes", tmp_path / "t.tfrecords", 3, seed=0)
     convert("tetrominoes", tetro, tmp_path / "t.h5", progress=False)
     assert _read(tmp_path / "t.h5")[1]["num_semantic_classes"] == 20
+
+
+def test_clevr_semantic_classes_are_shape_times_material():
+    schema = get_schema("clevr_with_masks")
+    shape = np.array([[0, 1, 1, 2, 3, 3, 0]], dtype=np.uint8)  # entity 0 is the background
+    material = np.array([[0, 1, 2, 1, 1, 2, 0]], dtype=np.uint8)
+    classes = entity_classes(schema, {"shape": shape, "material": material})
+    assert classes.tolist() == [[0, 1, 2, 3, 5, 6, 0]]
