@@ -139,6 +139,7 @@ def _clevr_scene(objects: int, label: np.ndarray | None = None) -> dict[str, np.
     record["mask"] = ((label == np.arange(11)[:, None, None]) * 255).astype(np.uint8)[..., None]
     record["visibility"][: objects + 1] = 1
     record["shape"][1 : objects + 1] = np.arange(objects) % 3 + 1
+    record["material"][1 : objects + 1] = 2  # metal
     record["x"][1 : objects + 1] = np.arange(objects)
     return record
 
@@ -181,7 +182,8 @@ def test_clevr_crop_and_resize(tmp_path: Path) -> None:
     # nearest: output i takes source floor(1.5 i)
     np.testing.assert_array_equal(mask, _crop_resize_label(label))
     assert set(np.unique(mask)) == {0, 1, 3}
-    np.testing.assert_array_equal(rows["semantic"][0], np.array([0, 1, 2, 3, 1])[mask])
+    # shape × material: shapes 1, 2, 3, 1 in metal (2) are classes 2, 4, 6, 2
+    np.testing.assert_array_equal(rows["semantic"][0], np.array([0, 2, 4, 6, 2])[mask])
 
 
 # ------------------------------------------------------------------------------------------
@@ -339,7 +341,8 @@ def test_semantic_class_count_attribute(tmp_path: Path) -> None:
     write_examples(src, [scene])
     convert("clevr10", src, tmp_path / "c.h5", progress=False)
     rows, attrs = _read(tmp_path / "c.h5")
-    assert rows["semantic"].max() == 9 and attrs["num_semantic_classes"] == 10
+    # shape 9, metal (2): class 1 + 2·8 + 1 = 18
+    assert rows["semantic"].max() == 18 and attrs["num_semantic_classes"] == 19
     tetro = write_synthetic("tetrominoes", tmp_path / "t.tfrecords", 3, seed=0)
     convert("tetrominoes", tetro, tmp_path / "t.h5", progress=False)
     assert _read(tmp_path / "t.h5")[1]["num_semantic_classes"] == 20

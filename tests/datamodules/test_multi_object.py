@@ -337,21 +337,22 @@ def test_multi_dsprites_default_path_follows_the_variant() -> None:
 
 
 def test_clevr6_semantic_classes_from_the_file(tmp_path: Path) -> None:
-    assert CLEVR6DataModule(str(tmp_path / "none.h5")).num_semantic_classes == 4
+    # Without a file: background + shape × material = 7.
+    assert CLEVR6DataModule(str(tmp_path / "none.h5")).num_semantic_classes == 7
     path = write_h5(
-        tmp_path / "c.h5", 12, size=128, dataset="clevr6", classes=7,
-        attrs={"num_semantic_classes": 7},
+        tmp_path / "c.h5", 12, size=128, dataset="clevr6", classes=9,
+        attrs={"num_semantic_classes": 9},
     )  # fmt: skip
     dm = CLEVR6DataModule(str(path), num_workers=0)
-    assert dm.num_semantic_classes == 7 and dm.image_size == (128, 128)
+    assert dm.num_semantic_classes == 9 and dm.image_size == (128, 128)
     assert dm.train_size == 34_963
 
     late = CLEVR6DataModule(str(tmp_path / "late.h5"), num_workers=0, train_size=10)  # no file yet
-    assert late.num_semantic_classes == 4
-    path.rename(tmp_path / "late.h5")
-    with pytest.warns(UserWarning, match="'num_semantic_classes' is 7; using it instead of 4"):
-        late.setup("fit")
     assert late.num_semantic_classes == 7
+    path.rename(tmp_path / "late.h5")
+    with pytest.warns(UserWarning, match="'num_semantic_classes' is 9; using it instead of 7"):
+        late.setup("fit")
+    assert late.num_semantic_classes == 9
 
 
 def test_defaults() -> None:
