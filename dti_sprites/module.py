@@ -224,20 +224,26 @@ class DTISpritesModule(L.LightningModule):
         return self._eval_step("val", batch, dataloader_idx)
 
     def on_validation_epoch_end(self) -> None:
-        self._log_metrics("val")
+        values = self._log_metrics("val")
+        if not self.trainer.sanity_checking:
+            self._print_table(f"Validation at step {self.global_step} (%)", values)
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0):
         return self._eval_step("test", batch, dataloader_idx)
 
     def on_test_epoch_end(self) -> None:
-        values = self._log_metrics("test")
-        if self.trainer.is_global_zero and values:
-            rows = [[*key.split("/", 2)[1:], value] for key, value in values.items()]
-            width = max(len(metric) for _, metric, _ in rows)
-            lines = [f"{'metric':<{width}}  {'value':>8}  protocol"]
-            for protocol, metric, value in sorted(rows, key=lambda r: (r[0], r[1])):
-                lines.append(f"{metric:<{width}}  {100 * value:8.2f}  {protocol}")
-            print("\n".join(["", "Test results (%)", *lines]))
+        self._print_table("Test results (%)", self._log_metrics("test"))
+
+    def _print_table(self, title: str, values: dict[str, float]) -> None:
+        """A (metric, value, protocol) table of ``stage/protocol/metric`` values, on rank 0."""
+        if not self.trainer.is_global_zero or not values:
+            return
+        rows = [[*key.split("/", 2)[1:], value] for key, value in values.items()]
+        width = max(len(metric) for _, metric, _ in rows)
+        lines = [f"{'metric':<{width}}  {'value':>8}  protocol"]
+        for protocol, metric, value in sorted(rows, key=lambda r: (r[0], r[1])):
+            lines.append(f"{metric:<{width}}  {100 * value:8.2f}  {protocol}")
+        print("\n".join(["", title, *lines]), flush=True)
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0):
         """The arrays of predictions.h5 for this batch (see ``Decomposition.to_arrays``)."""
