@@ -53,11 +53,10 @@ def transmittance(alpha: Tensor, occ: Tensor, skip: int | None = None) -> Tensor
 
     alpha (B, L+1, 1, H, W), occ (B, L+1, L+1) -> (B, L+1, 1, H, W).
     """
+    if skip is not None:  # layer `skip` hides nobody: zero its row of the occlusion matrix
+        occ = occ.clone()
+        occ[:, skip] = 0
     factors = 1 - occ[..., None, None, None] * alpha[:, :, None]  # (B, L+1 (j), L+1 (i), 1, H, W)
-    if skip is not None:
-        factors = torch.cat(
-            [factors[:, :skip], torch.ones_like(factors[:, :1]), factors[:, skip + 1 :]], dim=1
-        )
     return factors.prod(dim=1)  # (B, L+1, 1, H, W); occ[i, i] = 0 so j = i contributes 1
 
 
@@ -97,22 +96,24 @@ def greedy_select(
 
     All layers start empty (α = 0). In each pass the background is chosen first (when there
     are several), then layers 1..L back to front; each decision minimises
-    ``mean((x − Î)²) + penalty[k]`` with the other layers fixed. A candidate whose rendering is
-    all zeros plays the empty sprite.
+    ``mean((x − Î)²) + penalty[k]`` with the other layers fixed.
 
     Args:
         image: (B, C, H, W) target.
-        sprite_rgb: (B, L, K, C, H, W) candidate colours per layer.
-        sprite_alpha: (B, L, K, 1, H, W) candidate alphas per layer.
+        sprite_rgb: (B, L, K0, C, H, W) rendered candidates per layer.
+        sprite_alpha: (B, L, K0, 1, H, W) their alphas.
         background_rgb: (B, M, C, H, W) candidate backgrounds.
         occ: (B, L+1, L+1) occlusion matrix.
         passes: number of passes over the layers.
-        penalty: (K,) cost added per candidate (λ for non-empty sprites, 0 for the empty one).
+        penalty: (K,) cost added per candidate (λ for sprites, 0 for the empty one). With
+            K = K0 + 1 the last candidate is the empty sprite (α = 0), scored without being
+            rendered.
 
     Returns:
         sprite choice (B, L) in [0, K), background choice (B,) in [0, M).
     """
-    b, n_layers, k = sprite_rgb.shape[:3]
+    b, n_layers, k0 = sprite_rgb.shape[:3]
+    k = len(penalty)
     batch = torch.arange(b, device=image.device)
     rgb = image.new_zeros(b, n_layers + 1, *image.shape[1:])  # (B, L+1, C, H, W)
     alpha = image.new_zeros(b, n_layers + 1, 1, *image.shape[2:])  # (B, L+1, 1, H, W)
@@ -129,12 +130,15 @@ def greedy_select(
         for layer in range(1, n_layers + 1):
             s, t, p = affine_terms(rgb, alpha, occ, layer)
             cand_rgb, cand_alpha = sprite_rgb[:, layer - 1], sprite_alpha[:, layer - 1]
-            recon = s[:, None] + cand_alpha * (p[:, None] * cand_rgb - t[:, None])  # (B,K,C,H,W)
-            err = (image[:, None] - recon).pow(2).flatten(2).mean(2) + penalty  # (B, K)
-            choice = err.argmin(1)
+            recon = s[:, None] + cand_alpha * (p[:, None] * cand_rgb - t[:, None])  # (B,K0,C,H,W)
+            err = (image[:, None] - recon).pow(2).flatten(2).mean(2)  # (B, K0)
+            if k > k0:  # the empty sprite leaves Î = S
+                err = torch.cat([err, (image - s).pow(2).flatten(1).mean(1, keepdim=True)], 1)
+            choice = (err + penalty).argmin(1)  # (B,)
             sprite_choice[:, layer - 1] = choice
-            rgb[:, layer] = cand_rgb[batch, choice]
-            alpha[:, layer] = cand_alpha[batch, choice]
+            kept = (choice < k0)[:, None, None, None]  # (B, 1, 1, 1)
+            rgb[:, layer] = cand_rgb[batch, choice.clamp(max=k0 - 1)] * kept
+            alpha[:, layer] = cand_alpha[batch, choice.clamp(max=k0 - 1)] * kept
     return sprite_choice, bg_choice
 
 

@@ -374,11 +374,8 @@ class DTISprites(nn.Module):
             rgb, alpha = self._render(
                 cand_canvas, flat_sprite_p, layer_p, None if noise is None else noise[None, :k0]
             )  # (B·L, K0, C, H, W), (B·L, K0, 1, H, W)
-            if self.sprites.empty_sprite:
-                rgb = torch.cat([rgb, torch.zeros_like(rgb[:, :1])], 1)
-                alpha = torch.cat([alpha, torch.zeros_like(alpha[:, :1])], 1)
-            rgb = rgb.view(b, n_layers, *rgb.shape[1:])  # (B, L, K, C, H, W)
-            alpha = alpha.view(b, n_layers, *alpha.shape[1:])  # (B, L, K, 1, H, W)
+            rgb = rgb.view(b, n_layers, *rgb.shape[1:])  # (B, L, K0, C, H, W)
+            alpha = alpha.view(b, n_layers, *alpha.shape[1:])  # (B, L, K0, 1, H, W)
             backgrounds = self._render_backgrounds(b, bg_p)  # (B, M, C, H, W)
             penalty = self.candidate_penalty().to(image.dtype)
             if n_layers == 1:
@@ -449,12 +446,16 @@ def exhaustive_select(
 ) -> tuple[Tensor, Tensor]:
     """Single-object selection: the best (sprite, background) pair over all K·M candidates.
 
-    image (B, C, H, W), rgb (B, K, C, H, W), alpha (B, K, 1, H, W), backgrounds (B, M, C, H, W),
-    penalty (K,). Returns sprite (B,) and background (B,) choices.
+    image (B, C, H, W), rgb (B, K0, C, H, W), alpha (B, K0, 1, H, W), backgrounds
+    (B, M, C, H, W), penalty (K,); with K = K0 + 1 the last candidate is the empty sprite
+    (the background alone). Returns sprite (B,) in [0, K) and background (B,) choices.
     """
-    front = (alpha * rgb)[:, :, None]  # (B, K, 1, C, H, W)
-    recon = front + (1 - alpha[:, :, None]) * backgrounds[:, None]  # (B, K, M, C, H, W)
-    err = (image[:, None, None] - recon).pow(2).flatten(3).mean(3) + penalty[:, None]  # (B,K,M)
-    best = err.flatten(1).argmin(1)
+    front = (alpha * rgb)[:, :, None]  # (B, K0, 1, C, H, W)
+    recon = front + (1 - alpha[:, :, None]) * backgrounds[:, None]  # (B, K0, M, C, H, W)
+    err = (image[:, None, None] - recon).pow(2).flatten(3).mean(3)  # (B, K0, M)
+    if len(penalty) > rgb.shape[1]:  # the empty sprite: the background alone
+        empty = (image[:, None] - backgrounds).pow(2).flatten(2).mean(2)  # (B, M)
+        err = torch.cat([err, empty[:, None]], 1)
+    best = (err + penalty[:, None]).flatten(1).argmin(1)
     m = backgrounds.shape[1]
     return best // m, best % m

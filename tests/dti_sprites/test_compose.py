@@ -135,7 +135,11 @@ def test_batched_greedy_matches_reference(n_layers, k, m, passes, empty, occlusi
     backgrounds = torch.rand(b, m, 3, size, size)
     occ = random_occlusion(b, n_layers) if occlusion == "predicted" else Occlusion(
         n_layers, "fixed")(torch.rand(b, 4))  # fmt: skip
-    choice, bg = greedy_select(image, sprite_rgb, sprite_alpha, backgrounds, occ, passes, penalty)
+    # The batched selection scores the empty sprite without a rendered candidate.
+    k0 = k - 1 if empty else k
+    choice, bg = greedy_select(
+        image, sprite_rgb[:, :, :k0], sprite_alpha[:, :, :k0], backgrounds, occ, passes, penalty
+    )
     ref_choice, ref_bg = reference_greedy(
         image, sprite_rgb, sprite_alpha, backgrounds, occ, passes, penalty
     )
@@ -189,3 +193,22 @@ def test_label_maps_hand_made():
     expected[0:4, 0:4] = 1
     expected[0, 0] = 0
     assert torch.equal(label_maps(alpha, occ_rev)[0], expected)
+
+
+def test_exhaustive_scores_the_empty_sprite_like_a_zero_candidate():
+    torch.manual_seed(2)
+    b, k0, m, size = 8, 3, 2, 5
+    image = torch.rand(b, 3, size, size)
+    rgb = torch.rand(b, k0, 3, size, size)
+    alpha = torch.rand(b, k0, 1, size, size)
+    backgrounds = torch.rand(b, m, 3, size, size)
+    image[:4] = backgrounds[:4, 1]  # these images are best explained by the background alone
+    penalty = torch.tensor([1e-3] * k0 + [0.0])
+    zeros = torch.zeros_like(rgb[:, :1])
+    explicit = exhaustive_select(
+        image, torch.cat([rgb, zeros], 1), torch.cat([alpha, zeros[:, :, :1]], 1), backgrounds,
+        penalty,
+    )  # fmt: skip
+    virtual = exhaustive_select(image, rgb, alpha, backgrounds, penalty)
+    assert torch.equal(explicit[0], virtual[0]) and torch.equal(explicit[1], virtual[1])
+    assert (virtual[0][:4] == k0).all() and (virtual[1][:4] == 1).all()
