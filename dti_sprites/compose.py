@@ -53,11 +53,11 @@ def transmittance(alpha: Tensor, occ: Tensor, skip: int | None = None) -> Tensor
 
     alpha (B, L+1, 1, H, W), occ (B, L+1, L+1) -> (B, L+1, 1, H, W).
     """
-    if skip is not None:  # layer `skip` hides nobody: zero its row of the occlusion matrix
-        occ = occ.clone()
-        occ[:, skip] = 0
-    factors = 1 - occ[..., None, None, None] * alpha[:, :, None]  # (B, L+1 (j), L+1 (i), 1, H, W)
-    return factors.prod(dim=1)  # (B, L+1, 1, H, W); occ[i, i] = 0 so j = i contributes 1
+    out = torch.ones_like(alpha)
+    for j in range(alpha.shape[1]):  # one (B, L+1, 1, H, W) factor at a time: cache friendly
+        if j != skip:
+            out = out * (1 - occ[:, j, :, None, None, None] * alpha[:, j : j + 1])  # occ[i,i] = 0
+    return out  # (B, L+1, 1, H, W)
 
 
 def compose(rgb: Tensor, alpha: Tensor, occ: Tensor) -> Tensor:
