@@ -287,9 +287,14 @@ class DTISprites(nn.Module):
             penalty[k0] = float("inf") if frozen else 0.0
         return penalty.to(self.sprites_frozen.device)
 
-    def _canvases(self) -> Tensor:
-        """Sprite canvases (K, C+2, h, w): RGB, mask, and a support channel (0 for empty)."""
-        appearance, mask = self.sprites()
+    def _canvases(self, noisy: bool) -> Tensor:
+        """Sprite canvases (K, C+2, h, w): RGB, mask, and a support channel (0 for empty).
+
+        With mask noise (``noisy``) the masks stay unclipped here and are clipped after the
+        noise is added, as in the authors' code: a mask value pushed well beyond [0, 1] is then
+        immune to the noise, which is what drives masks to binary values.
+        """
+        appearance, mask = self.sprites(raw_masks=noisy)
         if bool(self.sprites_frozen):
             appearance, mask = appearance.detach(), mask.detach()
         support = torch.ones_like(mask)
@@ -353,9 +358,10 @@ class DTISprites(nn.Module):
         ]  # (B·L, P) each
         sprite_p = self.sprite_transforms.predict(features)  # (B, L·K0, P) each
         bg_p = self.background_transforms.predict(features)  # (B, M, P) each
-        canvases = self._canvases()  # (K, C+2, h, w)
+        noisy = self.training and self.mask_noise > 0
+        canvases = self._canvases(noisy)  # (K, C+2, h, w)
         noise = None
-        if self.training and self.mask_noise > 0:
+        if noisy:
             noise = torch.empty(
                 len(canvases),
                 1,

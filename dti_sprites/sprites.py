@@ -57,8 +57,11 @@ class SpriteBank(nn.Module):
         """K: learned sprites plus the empty one when enabled."""
         return self.n_sprites + int(self.empty_sprite)
 
-    def forward(self) -> tuple[Tensor, Tensor]:
-        appearance, mask = softclip(self.appearance), softclip(self.mask)
+    def forward(self, raw_masks: bool = False) -> tuple[Tensor, Tensor]:
+        """Appearances and masks; ``raw_masks`` leaves the masks unclipped (for mask noise,
+        which clips after adding the noise, so that masks pushed beyond [0, 1] resist it)."""
+        appearance = softclip(self.appearance)
+        mask = self.mask if raw_masks else softclip(self.mask)
         if self.empty_sprite:
             appearance = torch.cat([appearance, appearance.new_zeros(1, *appearance.shape[1:])])
             mask = torch.cat([mask, mask.new_zeros(1, *mask.shape[1:])])
