@@ -29,10 +29,10 @@ class Curriculum(L.Callback):
         sprite: list[NonNegativeInt] | None = None,
         background: list[NonNegativeInt] | None = None,
     ) -> None:
-        self.milestones = {
-            "layer": sorted(layer or []),
-            "sprite": sorted(sprite or []),
-            "background": sorted(background or []),
+        self.milestones = {  # builtin ints: they are saved in checkpoints
+            "layer": sorted(int(m) for m in layer or []),
+            "sprite": sorted(int(m) for m in sprite or []),
+            "background": sorted(int(m) for m in background or []),
         }
         self.n_active: dict[str, int] = {}
 

@@ -16,7 +16,7 @@ class SpriteFreeze(L.Callback):
     """
 
     def __init__(self, epochs: NonNegativeInt = 0) -> None:
-        self.epochs = epochs
+        self.epochs = int(epochs)  # builtin: saved in checkpoints
         self.frozen: bool | None = None
 
     def apply(self, pl_module: L.LightningModule, epoch: int) -> None:

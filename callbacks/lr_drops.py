@@ -23,8 +23,8 @@ class LRDrops(L.Callback):
         milestones: list[PositiveInt] | None = None,
         gammas: Sequence[NonNegativeFloat] = (0.1,),
     ) -> None:
-        self.milestones = sorted(milestones or [])
-        self.gammas = list(gammas)
+        self.milestones = sorted(int(m) for m in milestones or [])
+        self.gammas = [float(g) for g in gammas]
         self.drops = 0
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -31,10 +31,10 @@ class SpriteReassignment(L.Callback):
         noise_std: NonNegativeFloat = 1e-4,
         seed: int = 0,
     ) -> None:
-        self.every_n_steps = every_n_steps
-        self.threshold = threshold
-        self.noise_std = noise_std
-        self.seed = seed
+        self.every_n_steps = int(every_n_steps)
+        self.threshold = float(threshold)
+        self.noise_std = float(noise_std)
+        self.seed = int(seed)
         self.counts: torch.Tensor | None = None
         self.steps = 0  # training steps since the last check
         self.events: list[dict[str, int]] = []  # {"step", "src", "dst"}

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,6 +28,20 @@ from dti_sprites.sprites import BackgroundInit, Backgrounds, SpriteBank, softcli
 from dti_sprites.transforms import TRANSFORM_NAMES, GroupedMLP, TransformName, TransformSequence
 
 ParamSlice = tuple[nn.Parameter, tuple[int | slice, ...]]
+
+
+def plain(value: Any) -> Any:
+    """Builtin types for checkpoints: a typed argument such as jsonargparse's ``PositiveInt(3)``
+    becomes ``3`` (``torch.load(weights_only=True)`` refuses unknown classes), tuples lists."""
+    if isinstance(value, bool | str | None):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    return value
 
 
 @dataclass
@@ -159,7 +174,7 @@ class DTISprites(nn.Module):
         super().__init__()
         self._check(config)
         # Plain init arguments, stored in checkpoints so a model can be rebuilt without a config.
-        self.config = {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
+        self.config = {k: plain(v) for k, v in config.items()}
         size, canvas = (image_size, image_size), (sprite_size, sprite_size)
         self.image_size, self.n_layers = image_size, n_layers
         self.greedy_passes, self.empty_penalty, self.mask_noise = (
@@ -221,7 +236,7 @@ class DTISprites(nn.Module):
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location: str = "cpu") -> DTISprites:
         """Rebuild a trained model from a training checkpoint (no config needed)."""
-        checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
         if "dti_sprites_model" not in checkpoint:
             raise ValueError(f"{path}: not a dti-sprites training checkpoint")
         model = cls(**checkpoint["dti_sprites_model"])

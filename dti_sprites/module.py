@@ -43,7 +43,11 @@ class DTISpritesModule(L.LightningModule):
         init_images: NonNegativeInt = 100,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["model"])
+        self.save_hyperparameters(
+            {"lr": float(lr), "weight_decay": float(weight_decay),
+             "encoder_lr_multiplier": float(encoder_lr_multiplier),
+             "init_images": int(init_images)}
+        )  # fmt: skip
         self.model = model
         k0 = model.sprites.n_sprites
         self.register_buffer("usage", torch.zeros(k0, dtype=torch.long), persistent=False)
