@@ -1,9 +1,12 @@
+import errno
+
 import h5py
 import lightning as L
 import pytest
 import torch
 
 from dti_sprites.callbacks import PredictionWriter
+from dti_sprites.callbacks.predictions import PredictionFile
 from dti_sprites.model import DTISprites
 from dti_sprites.module import DTISpritesModule
 
@@ -116,3 +119,27 @@ def test_model_rebuilds_from_a_training_checkpoint(tmp_path, squares):
     x = torch.rand(2, 3, 20, 20)
     module.model.eval()
     torch.testing.assert_close(model(x).reconstruction, module.model(x).reconstruction)
+
+
+def test_a_failed_prediction_write_keeps_the_previous_file(tmp_path, squares, monkeypatch):
+    data = squares(n=6)  # two batches of 4 and 2
+    module = DTISpritesModule(DTISprites(**MODEL))
+    trainer(tmp_path, callbacks=[PredictionWriter()]).predict(
+        module, data, return_predictions=False
+    )
+    good = (tmp_path / "predictions.h5").read_bytes()
+    original, calls = PredictionFile.append, []
+
+    def disk_full_on_second_batch(self, arrays):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        original(self, arrays)
+
+    monkeypatch.setattr(PredictionFile, "append", disk_full_on_second_batch)
+    with pytest.raises(OSError, match="No space left"):
+        trainer(tmp_path, callbacks=[PredictionWriter()]).predict(
+            module, data, return_predictions=False
+        )
+    assert (tmp_path / "predictions.h5").read_bytes() == good  # the earlier file is intact
+    assert not (tmp_path / "predictions.h5.tmp").exists()  # and no half file is left
