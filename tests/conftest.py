@@ -11,6 +11,15 @@ from dti_sprites.datamodules.synth import write_synthetic
 
 
 @pytest.fixture
+def one_thread():
+    """Run a test with one torch thread (tiny convolutions, processes sharing 2 cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def float64():
     """Run a test with float64 as the default dtype (exact comparisons), then restore."""
     previous = torch.get_default_dtype()

@@ -34,13 +34,7 @@ MODEL = dict(image_size=20, n_sprites=3, n_layers=2, n_backgrounds=1, sprite_siz
              sprite_transforms=["similarity"], background_transforms=["color"])  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convolutions run far faster on one thread on shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
