@@ -361,6 +361,33 @@ class DTISprites(nn.Module):
         flat = stack.reshape(n * m, 1, *stack.shape[2:])  # (B·M, 1, C, H, W)
         return self.background_transforms(flat, params).view(stack.shape)
 
+    def _select(
+        self,
+        image: Tensor,
+        canvases: Tensor,
+        noise: Tensor | None,
+        layer_p: list[Tensor | None],
+        sprite_p: list[Tensor | None],
+        bg_p: list[Tensor | None],
+        occ: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        """Render every candidate (no gradients) and choose: sprites (B, L), background (B,)."""
+        b, n_layers, k0 = len(image), self.n_layers, self.sprites.n_sprites
+        cand_canvas = canvases[:k0].expand(b * n_layers, -1, -1, -1, -1)  # (B·L, K0, C+2, h, w)
+        flat_sprite_p = [None if p is None else p.reshape(b * n_layers * k0, -1) for p in sprite_p]
+        rgb, alpha = self._render(
+            cand_canvas, flat_sprite_p, layer_p, None if noise is None else noise[None, :k0]
+        )  # (B·L, K0, C, H, W), (B·L, K0, 1, H, W)
+        rgb = rgb.view(b, n_layers, *rgb.shape[1:])  # (B, L, K0, C, H, W)
+        alpha = alpha.view(b, n_layers, *alpha.shape[1:])  # (B, L, K0, 1, H, W)
+        backgrounds = self._render_backgrounds(b, bg_p)  # (B, M, C, H, W)
+        penalty = self.candidate_penalty().to(image.dtype)
+        if n_layers == 1:
+            choice, bg_choice = exhaustive_select(image, rgb[:, 0], alpha[:, 0], backgrounds,
+                                                  penalty)  # fmt: skip
+            return choice[:, None], bg_choice
+        return greedy_select(image, rgb, alpha, backgrounds, occ, self.greedy_passes, penalty)
+
     def forward(self, image: Tensor) -> Decomposition:
         """Decompose a batch (B, C, H, W) in [0, 1]."""
         b = len(image)
@@ -376,39 +403,11 @@ class DTISprites(nn.Module):
         noisy = self.training and self.mask_noise > 0
         canvases = self._canvases(noisy)  # (K, C+2, h, w)
         noise = None
-        if noisy:
-            noise = torch.empty(
-                len(canvases),
-                1,
-                self.image_size,
-                self.image_size,
-                dtype=image.dtype,
-                device=image.device,
-            )
-            noise.uniform_(-self.mask_noise, self.mask_noise)  # (K, 1, H, W)
-
+        if noisy:  # one map per sprite, shared by the batch and the layers
+            size = (len(canvases), 1, self.image_size, self.image_size)
+            noise = image.new_empty(size).uniform_(-self.mask_noise, self.mask_noise)
         with torch.no_grad():
-            cand_canvas = canvases[:k0].expand(b * n_layers, -1, -1, -1, -1)  # (B·L, K0, C+2, h, w)
-            flat_sprite_p = [
-                None if p is None else p.reshape(b * n_layers * k0, -1) for p in sprite_p
-            ]
-            rgb, alpha = self._render(
-                cand_canvas, flat_sprite_p, layer_p, None if noise is None else noise[None, :k0]
-            )  # (B·L, K0, C, H, W), (B·L, K0, 1, H, W)
-            rgb = rgb.view(b, n_layers, *rgb.shape[1:])  # (B, L, K0, C, H, W)
-            alpha = alpha.view(b, n_layers, *alpha.shape[1:])  # (B, L, K0, 1, H, W)
-            backgrounds = self._render_backgrounds(b, bg_p)  # (B, M, C, H, W)
-            penalty = self.candidate_penalty().to(image.dtype)
-            if n_layers == 1:
-                choice, bg_choice = exhaustive_select(
-                    image, rgb[:, 0], alpha[:, 0], backgrounds, penalty
-                )
-                choice = choice[:, None]
-            else:
-                choice, bg_choice = greedy_select(
-                    image, rgb, alpha, backgrounds, occ, self.greedy_passes, penalty
-                )
-            del rgb, alpha, backgrounds
+            choice, bg_choice = self._select(image, canvases, noise, layer_p, sprite_p, bg_p, occ)
 
         # Render only the selected sprites and background, with gradients. (B·L,)
         flat_choice = choice.flatten()
