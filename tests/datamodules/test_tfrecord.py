@@ -29,11 +29,11 @@ from dti_sprites.datamodules.tfrecord import (
 )
 
 _REPO = Path(__file__).resolve().parents[2]
-_CANDIDATES = [_REPO / "shared" / "data", _REPO.parent / "shared" / "data"]
-REAL = next((d / "tetrominoes_mini.tfrecords" for d in _CANDIDATES if d.is_dir()), None)
+# 10 real DeepMind records, kept in the repository (tests/data/README.md) so that CI has them.
+REAL = _REPO / "tests" / "data" / "tetrominoes_mini.tfrecords"
 
 Y, G, B, C, M, R = (1, 1, 0), (0, 1, 0), (0, 0, 1), (0, 1, 1), (1, 0, 1), (1, 0, 0)
-# ../shared/data/README.md: objects 1-3 of each real record.
+# tests/data/README.md (from ../shared/data/README.md): objects 1-3 of each real record.
 README = [
     ([6, 5, 15], [22, 11, 24], [0, 19, 20], [Y, G, B], 63600),
     ([9, 14, 5], [12, 17, 0], [3, 20, 19], [Y, C, Y], 95400),
@@ -50,8 +50,6 @@ README = [
 
 @pytest.fixture
 def real() -> Path:
-    if REAL is None:
-        pytest.skip("shared/data/tetrominoes_mini.tfrecords not found next to the repository")
     return REAL
 
 
