@@ -194,7 +194,9 @@ def _assert_features_equal(got: dict, features: dict) -> None:
 
 def test_example_round_trip() -> None:
     features = _features()
-    _assert_features_equal(parse_example(encode_example(features)), features)
+    decoded = parse_example(encode_example(features))
+    assert set(decoded) == set(features)
+    _assert_features_equal(decoded, features)
 
 
 def test_per_byte_bytes_list_is_encoded_as_deepmind_does() -> None:
