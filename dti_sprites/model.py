@@ -68,6 +68,7 @@ class Decomposition:
     background_choice: Tensor
     mse: Tensor
     params: dict[str, Tensor] = field(default_factory=dict)
+    _instance: Tensor | None = field(default=None, init=False, repr=False)
 
     @property
     def n_nonempty(self) -> Tensor:
@@ -75,8 +76,12 @@ class Decomposition:
         return (self.sprite_choice >= 0).sum(1)
 
     def instance(self) -> Tensor:
-        """Instance labels (B, H, W): 0 = background, l + 1 = layer l (SPEC §9)."""
-        return label_maps(self.layers[:, :, -1:], self.occlusion)
+        """Instance labels (B, H, W): 0 = background, l + 1 = layer l (SPEC §9).
+
+        Computed once (``semantic``, ``instance_fg`` and the metrics all start from it)."""
+        if self._instance is None:
+            self._instance = label_maps(self.layers[:, :, -1:].detach(), self.occlusion.detach())
+        return self._instance
 
     def semantic(self) -> Tensor:
         """Semantic labels (B, H, W): 0 = background, k + 1 = sprite k."""
