@@ -273,6 +273,8 @@ class SpriteDashboard(L.Callback):
         every_n_steps: drawing period in training steps.
         n_images: fixed training images of the decomposition grid.
         n_worst: images per protocol whose thumbnails are kept in the per-image table.
+        zoom: integer upscaling (nearest neighbour) of the sprite, background and decomposition
+            grids, PNG and W&B alike: a 24-pixel sprite is hard to read at 1×.
     """
 
     def __init__(
@@ -280,10 +282,12 @@ class SpriteDashboard(L.Callback):
         every_n_steps: PositiveInt = 500,
         n_images: PositiveInt = 8,
         n_worst: NonNegativeInt = 64,
+        zoom: PositiveInt = 1,
     ) -> None:
         self.every_n_steps = every_n_steps
         self.n_images = n_images
         self.n_worst = n_worst
+        self.zoom = int(zoom)
         self.images: Tensor | None = None
         self.usage: Tensor | None = None  # (L, K0 + 1) choices since the last drawing
         self.records: dict[str, EvalRecords] = {}
@@ -337,6 +341,9 @@ class SpriteDashboard(L.Callback):
         if self.images is not None:
             grids["decompositions"] = decomposition_grid(model, self.images.to(pl_module.device))
         model.train(was_training)
+        if self.zoom > 1:  # (3, H, W) -> (3, zoom·H, zoom·W), every pixel a zoom × zoom block
+            grids = {name: grid.repeat_interleave(self.zoom, 1).repeat_interleave(self.zoom, 2)
+                     for name, grid in grids.items()}  # fmt: skip
         folder = run_dir(trainer)
         for name, grid in grids.items():
             save_png(grid, folder / "images" / f"{name}.png")

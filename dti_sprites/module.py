@@ -31,6 +31,9 @@ class DTISpritesModule(L.LightningModule):
         lr: Adam learning rate of both parameter groups.
         weight_decay: weight decay of the network group (the prototype group has none).
         encoder_lr_multiplier: scales the encoder's learning rate (1 = the paper's setting).
+        prototype_lr_multiplier: scales the learning rate of the prototypes (sprites, masks,
+            backgrounds; 1 = the paper's setting). Adam moves a parameter by about lr per step,
+            so short runs need a larger one for the sprites to take shape (the demo uses 10).
         init_images: training images averaged for a ``mean`` background init.
     """
 
@@ -40,12 +43,14 @@ class DTISpritesModule(L.LightningModule):
         lr: PositiveFloat = 1e-4,
         weight_decay: NonNegativeFloat = 1e-6,
         encoder_lr_multiplier: PositiveFloat = 1.0,
+        prototype_lr_multiplier: PositiveFloat = 1.0,
         init_images: NonNegativeInt = 100,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(
             {"lr": float(lr), "weight_decay": float(weight_decay),
              "encoder_lr_multiplier": float(encoder_lr_multiplier),
+             "prototype_lr_multiplier": float(prototype_lr_multiplier),
              "init_images": int(init_images)}
         )  # fmt: skip
         self.model = model
@@ -267,8 +272,9 @@ class DTISpritesModule(L.LightningModule):
         taken = {id(p) for p in prototypes + encoder}
         heads = [p for p in model.parameters() if id(p) not in taken]
         lr, wd = self.hparams.lr, self.hparams.weight_decay
+        lr_prototypes = lr * self.hparams.prototype_lr_multiplier
         groups = [
-            {"name": "prototypes", "params": prototypes, "lr": lr, "weight_decay": 0.0},
+            {"name": "prototypes", "params": prototypes, "lr": lr_prototypes, "weight_decay": 0.0},
             {"name": "networks", "params": heads, "lr": lr, "weight_decay": wd},
         ]
         if self.hparams.encoder_lr_multiplier == 1.0:

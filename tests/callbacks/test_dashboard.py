@@ -175,6 +175,29 @@ def test_dashboard_without_logger_on_single_object_data(tmp_path, squares):
     assert not (tmp_path / "tables" / "val_ari_fg.csv").exists()  # no ARI-FG on single objects
 
 
+def test_dashboard_zoom_upscales_the_grids_pixel_for_pixel(tmp_path, squares):
+    folders = {}
+    for zoom in (1, 3):  # the same seeded run drawn at two zooms
+        torch.manual_seed(0)
+        model = DTISprites(image_size=20, n_sprites=2, n_layers=1, n_backgrounds=1,
+                           sprite_size=12, mask_std=3)  # fmt: skip
+        folders[zoom] = tmp_path / f"zoom{zoom}"
+        trainer = L.Trainer(
+            default_root_dir=folders[zoom], max_epochs=1, limit_train_batches=1,
+            limit_val_batches=0, logger=False, enable_progress_bar=False,
+            enable_checkpointing=False, enable_model_summary=False,
+            callbacks=[SpriteDashboard(every_n_steps=100, n_images=2, zoom=zoom)],
+        )  # fmt: skip
+        trainer.fit(DTISpritesModule(model), squares(n=4))
+    for name in ("sprites", "decompositions"):
+        with Image.open(folders[1] / "images" / f"{name}.png") as small:
+            small = np.asarray(small)
+        with Image.open(folders[3] / "images" / f"{name}.png") as big:
+            big = np.asarray(big)
+        assert big.shape == (3 * small.shape[0], 3 * small.shape[1], 3)
+        assert (big[::3, ::3] == small).all() and (big[2::3, 1::3] == small).all(), name
+
+
 def test_usage_counts_and_bar_chart_pixels():
     choice = torch.tensor([[0, -1], [2, -1], [2, 1], [2, 0]])  # (B=4, L=2), -1 = empty
     counts = usage_counts(choice, n_sprites=3)

@@ -38,8 +38,9 @@ def test_penalty_is_logged_but_carries_no_gradient():
 
 @pytest.mark.parametrize("multiplier", [1.0, 0.5])
 def test_optimizer_groups_hold_every_parameter_once(multiplier):
-    module = DTISpritesModule(DTISprites(**MODEL), weight_decay=1e-6,
-                              encoder_lr_multiplier=multiplier)  # fmt: skip
+    module = DTISpritesModule(DTISprites(**MODEL), lr=1e-3, weight_decay=1e-6,
+                              encoder_lr_multiplier=multiplier,
+                              prototype_lr_multiplier=10 * multiplier)  # fmt: skip
     optimizer = module.configure_optimizers()
     seen = [id(p) for group in optimizer.param_groups for p in group["params"]]
     assert len(seen) == len(set(seen))
@@ -50,6 +51,8 @@ def test_optimizer_groups_hold_every_parameter_once(multiplier):
     assert {id(p) for p in groups["prototypes"]["params"]} == prototypes
     assert groups["prototypes"]["weight_decay"] == 0.0
     assert groups["networks"]["weight_decay"] == 1e-6
+    assert groups["prototypes"]["lr"] == pytest.approx(1e-2 * multiplier)
+    assert groups["networks"]["lr"] == pytest.approx(1e-3)
     if multiplier != 1.0:
         assert groups["encoder"]["lr"] == pytest.approx(module.hparams.lr * multiplier)
 
