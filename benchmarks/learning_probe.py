@@ -26,16 +26,12 @@ import torch
 import yaml
 
 from dti_sprites.callbacks import SpriteReassignment
-from dti_sprites.callbacks.dashboard import decomposition_grid, save_png, sprite_grid
+from dti_sprites.callbacks.dashboard import decomposition_grid, save_png, sprite_grid, upscale
 from dti_sprites.metrics import ari_per_image
 from dti_sprites.model import DTISprites
 from dti_sprites.module import DTISpritesModule
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def zoomed(grid: torch.Tensor, zoom: int = 4) -> torch.Tensor:
-    return grid.repeat_interleave(zoom, 1).repeat_interleave(zoom, 2)  # (3, zoom·H, zoom·W)
 
 
 def main() -> None:
@@ -92,9 +88,9 @@ def main() -> None:
             scores.append(ari_per_image(model(x).instance_fg(x), masks[i : i + 100], True))
         score = torch.cat(scores)
         out_dir = Path(args.out)
-        save_png(zoomed(sprite_grid(model)), out_dir / f"{args.name}_sprites.png")
+        save_png(upscale(sprite_grid(model), 4), out_dir / f"{args.name}_sprites.png")
         grid = decomposition_grid(model, images[18_000:18_008].float() / 255)
-        save_png(zoomed(grid), out_dir / f"{args.name}_decompositions.png")
+        save_png(upscale(grid, 4), out_dir / f"{args.name}_decompositions.png")
     result = {"name": args.name, "steps": step, "seconds": round(seconds),
               "ari_fg": round(100 * float(score[~score.isnan()].mean()), 1),
               "args": vars(args)}  # fmt: skip

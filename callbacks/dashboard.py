@@ -82,6 +82,11 @@ def save_csv(rows: Sequence[Sequence[Any]], columns: Sequence[str], path: Path) 
     os.replace(tmp, path)
 
 
+def upscale(grid: Tensor, zoom: int) -> Tensor:
+    """Nearest-neighbour upscaling: (3, H, W) -> (3, zoom·H, zoom·W), a pixel per zoom × zoom."""
+    return grid.repeat_interleave(zoom, 1).repeat_interleave(zoom, 2)
+
+
 def to_uint8_hwc(image: Tensor) -> np.ndarray:
     """(3, H, W) float in [0, 1] → (H, W, 3) uint8 numpy (what W&B and PIL take)."""
     return (image.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
@@ -341,9 +346,8 @@ class SpriteDashboard(L.Callback):
         if self.images is not None:
             grids["decompositions"] = decomposition_grid(model, self.images.to(pl_module.device))
         model.train(was_training)
-        if self.zoom > 1:  # (3, H, W) -> (3, zoom·H, zoom·W), every pixel a zoom × zoom block
-            grids = {name: grid.repeat_interleave(self.zoom, 1).repeat_interleave(self.zoom, 2)
-                     for name, grid in grids.items()}  # fmt: skip
+        if self.zoom > 1:
+            grids = {name: upscale(grid, self.zoom) for name, grid in grids.items()}
         folder = run_dir(trainer)
         for name, grid in grids.items():
             save_png(grid, folder / "images" / f"{name}.png")

@@ -33,7 +33,8 @@ class DTISpritesModule(L.LightningModule):
         encoder_lr_multiplier: scales the encoder's learning rate (1 = the paper's setting).
         prototype_lr_multiplier: scales the learning rate of the prototypes (sprites, masks,
             backgrounds; 1 = the paper's setting). Adam moves a parameter by about lr per step,
-            so short runs need a larger one for the sprites to take shape (the demo uses 10).
+            so in a short run the masks hardly leave their initial Gaussian without a larger one
+            (the demo uses 10).
         init_images: training images averaged for a ``mean`` background init.
     """
 
