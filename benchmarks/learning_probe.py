@@ -6,7 +6,7 @@
 Trains ``experiments/demo.yaml``'s model on ``data/demo/tetrominoes.h5`` (run the demo once to
 create it) with a plain loop — random batches of 32, Adam with the module's two parameter groups,
 reassignment every 50 steps through :class:`SpriteReassignment` — until ``--seconds`` have
-passed, then prints one JSON line (steps, seconds, held-out ARI-FG on images 18,000–18,499) and
+passed, then prints one JSON line (steps, seconds, ARI-FG on the first 500 held-out scenes) and
 writes ``<out>/<name>_sprites.png`` and ``<out>/<name>_decompositions.png`` (4× zoom).
 Two probes with ``--threads 1`` side by side use a 2-core machine better than one with 2.
 ``--prototype-lr`` applies from step ``--prototype-lr-after`` (before it, ``--lr``);
@@ -55,8 +55,10 @@ def main() -> None:
         images = torch.from_numpy(f["image"][:]).permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W)
         masks = torch.from_numpy(f["mask"][:]).long()  # (N, H, W)
     spec = yaml.safe_load((ROOT / "experiments" / "demo.yaml").read_text())
+    train_size = spec["data"]["init_args"]["train_size"]  # held-out scenes follow it
     model = DTISprites(**{**spec["model"]["model"]["init_args"], **json.loads(args.model)})
-    optimizer = torch.optim.Adam(DTISpritesModule(model, lr=args.lr).parameter_groups())
+    module = DTISpritesModule(model, lr=args.lr)
+    optimizer = torch.optim.Adam(module.parameter_groups())
     reassignment = SpriteReassignment(every_n_steps=50)
     counts = torch.zeros(model.sprites.n_sprites)
     generator = torch.Generator().manual_seed(args.seed)
@@ -65,12 +67,11 @@ def main() -> None:
         model.freeze_sprites(step < args.freeze)
         late = args.prototype_lr and step >= args.prototype_lr_after
         optimizer.param_groups[0]["lr"] = args.prototype_lr if late else args.lr
-        x = images[torch.randint(0, 18_000, (32,), generator=generator)].float() / 255
+        x = images[torch.randint(0, train_size, (32,), generator=generator)].float() / 255
         out = model(x)
         optimizer.zero_grad(set_to_none=True)
-        out.mse.mean().backward()
-        for p in model.idle_parameters():
-            p.grad = None
+        module.objective(out)["mse"].backward()
+        module.on_before_optimizer_step(optimizer)  # frozen sprites get no update
         optimizer.step()
         choice = out.sprite_choice.flatten()
         counts += torch.bincount(choice[choice >= 0], minlength=len(counts))
@@ -83,13 +84,13 @@ def main() -> None:
     model.eval()
     scores = []
     with torch.no_grad():
-        for i in range(18_000, 18_500, 100):
+        for i in range(train_size, train_size + 500, 100):
             x = images[i : i + 100].float() / 255
             scores.append(ari_per_image(model(x).instance_fg(x), masks[i : i + 100], True))
         score = torch.cat(scores)
         out_dir = Path(args.out)
         save_png(upscale(sprite_grid(model), 4), out_dir / f"{args.name}_sprites.png")
-        grid = decomposition_grid(model, images[18_000:18_008].float() / 255)
+        grid = decomposition_grid(model, images[train_size : train_size + 8].float() / 255)
         save_png(upscale(grid, 4), out_dir / f"{args.name}_decompositions.png")
     result = {"name": args.name, "steps": step, "seconds": round(seconds),
               "ari_fg": round(100 * float(score[~score.isnan()].mean()), 1),
