@@ -1,13 +1,15 @@
 """How far the demo model gets in a fixed wall-clock budget: a probe for tuning the demo.
 
     python benchmarks/learning_probe.py --name NAME [--seconds 420] [--threads 1] [--lr 1e-3]
-        [--prototype-lr 1e-2] [--prototype-lr-after 0] [--freeze 0] [--model '{"mask_std": 5}']
+        [--prototype-lr 1e-2] [--prototype-lr-after 0] [--freeze 0] [--batch 32]
+        [--model '{"encoder": "resnet8"}']
 
 Trains ``experiments/demo.yaml``'s model on ``data/demo/tetrominoes.h5`` (run the demo once to
-create it) with a plain loop — random batches of 32, Adam with the module's two parameter groups,
-reassignment every 50 steps through :class:`SpriteReassignment` — until ``--seconds`` have
-passed, then prints one JSON line (steps, seconds, ARI-FG on the first 500 held-out scenes) and
-writes ``<out>/<name>_sprites.png`` and ``<out>/<name>_decompositions.png`` (4× zoom).
+create it) with a plain loop — random batches of ``--batch`` (32), Adam with the module's two
+parameter groups, reassignment every 50 steps through :class:`SpriteReassignment` — until
+``--seconds`` have passed, then prints one JSON line (steps, seconds, ARI-FG on the first 500
+held-out scenes) and writes ``<out>/<name>_sprites.png`` and ``<out>/<name>_decompositions.png``
+(4× zoom).
 Two probes with ``--threads 1`` side by side use a 2-core machine better than one with 2.
 ``--prototype-lr`` applies from step ``--prototype-lr-after`` (before it, ``--lr``);
 ``--freeze N`` freezes the sprites for the first N steps.
@@ -43,6 +45,7 @@ def main() -> None:
     parser.add_argument("--prototype-lr", type=float, default=None, help="default: --lr")
     parser.add_argument("--prototype-lr-after", type=int, default=0)
     parser.add_argument("--freeze", type=int, default=0)
+    parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--model", default="{}", help="JSON overrides of the model arguments")
     parser.add_argument("--data", default=str(ROOT / "data" / "demo" / "tetrominoes.h5"))
     parser.add_argument("--out", default="probes")
@@ -67,7 +70,7 @@ def main() -> None:
         model.freeze_sprites(step < args.freeze)
         late = args.prototype_lr and step >= args.prototype_lr_after
         optimizer.param_groups[0]["lr"] = args.prototype_lr if late else args.lr
-        x = images[torch.randint(0, train_size, (32,), generator=generator)].float() / 255
+        x = images[torch.randint(0, train_size, (args.batch,), generator=generator)].float() / 255
         out = model(x)
         optimizer.zero_grad(set_to_none=True)
         module.objective(out)["mse"].backward()

@@ -1,7 +1,7 @@
 """Time full training steps of the paper's configurations.
 
     python benchmarks/train_step.py --config tetrominoes multidsprites clevr6 [--steps N]
-        [--threads T] [--batch B] [--warmup W]
+        [--threads T] [--batch B] [--warmup W] [--encoder resnet8]
 
 A step is what training does: forward (encoder, heads, rendering of every candidate, greedy
 selection), rendering of the selected sprites, MSE, backward and Adam — with every curriculum
@@ -12,6 +12,7 @@ Prints one line per config:
 
 ``encoder_ratio`` is the step time over the time of the encoder's own forward + backward + Adam
 step, measured in the same run (how much the sprite machinery costs on top of the CNN).
+``--encoder`` replaces the config's encoder (the line then says ``config=NAME/ENCODER``).
 ``peak_mb`` is the peak GPU memory allocated on CUDA, the peak resident memory of the process
 on the CPU. Runs on the GPU when one is present (``--device cpu`` to force the CPU).
 """
@@ -24,19 +25,25 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import get_args
 
 import torch
 import yaml
 
+from dti_sprites.encoders import EncoderName
 from dti_sprites.model import DTISprites
 from dti_sprites.module import DTISpritesModule
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
 
-def build(config: str, device: torch.device) -> tuple[DTISpritesModule, int]:
+def build(
+    config: str, device: torch.device, encoder: str | None = None
+) -> tuple[DTISpritesModule, int]:
     spec = yaml.safe_load((EXPERIMENTS / f"{config}.yaml").read_text())
     model_args = spec["model"]["model"]["init_args"]
+    if encoder:
+        model_args["encoder"] = encoder
     module = DTISpritesModule(DTISprites(**model_args), **{
         k: v for k, v in spec["model"].items() if k in ("lr", "weight_decay")
     })  # fmt: skip
@@ -71,9 +78,16 @@ def peak_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def benchmark(config: str, steps: int, warmup: int, batch: int | None, device: torch.device):
+def benchmark(
+    config: str,
+    steps: int,
+    warmup: int,
+    batch: int | None,
+    device: torch.device,
+    encoder: str | None = None,
+) -> None:
     torch.manual_seed(0)
-    module, default_batch = build(config, device)
+    module, default_batch = build(config, device, encoder)
     batch = batch or default_batch
     model = module.model
     size = model.image_size
@@ -99,8 +113,9 @@ def benchmark(config: str, steps: int, warmup: int, batch: int | None, device: t
     step_time = timed(step, steps, warmup, device)
     memory = peak_mb(device)
     encoder_time = timed(encoder_step, steps, warmup, device)
+    name = f"{config}/{encoder}" if encoder else config
     print(
-        f"config={config} img_per_s={batch / step_time:.1f} peak_mb={memory:.0f} "
+        f"config={name} img_per_s={batch / step_time:.1f} peak_mb={memory:.0f} "
         f"encoder_ratio={step_time / encoder_time:.2f}",
         flush=True,
     )
@@ -114,6 +129,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--batch", type=int, default=None, help="default: the config's")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--encoder", default=None, choices=get_args(EncoderName),
+                        help="default: the config's")  # fmt: skip
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -124,7 +141,7 @@ def main() -> None:
             rest = [a for a in sys.argv[1:] if a not in args.config and a != "--config"]
             subprocess.run([sys.executable, __file__, "--config", config, *rest], check=True)
         return
-    benchmark(args.config[0], args.steps, args.warmup, args.batch, device)
+    benchmark(args.config[0], args.steps, args.warmup, args.batch, device, args.encoder)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Image encoders: CIFAR-style ResNet-32 and torchvision's ResNet-18, with adaptive pooling."""
+"""Image encoders: CIFAR-style ResNet-(6n+2) (ResNet-32 and shallower) and torchvision's ResNet-18,
+with adaptive pooling."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
-EncoderName = Literal["resnet32", "resnet18"]
+EncoderName = Literal["resnet8", "resnet14", "resnet20", "resnet32", "resnet18"]
+# CIFAR-style ResNet-(6n+2): n basic blocks per stage.
+CIFAR_BLOCKS = {"resnet8": 1, "resnet14": 2, "resnet20": 3, "resnet32": 5}
 
 
 class BasicBlock(nn.Module):
@@ -68,15 +71,16 @@ class Encoder(nn.Module):
 
     def __init__(self, name: EncoderName = "resnet32", pool: int = 1) -> None:
         super().__init__()
-        if name == "resnet32":
-            self.backbone: nn.Module = CifarResNet(blocks_per_stage=5)
+        if name in CIFAR_BLOCKS:
+            self.backbone: nn.Module = CifarResNet(blocks_per_stage=CIFAR_BLOCKS[name])
             channels = 64
         elif name == "resnet18":
             resnet = torchvision.models.resnet18(weights=None)
             self.backbone = nn.Sequential(*list(resnet.children())[:-2])  # drop avgpool and fc
             channels = 512
         else:
-            raise ValueError(f"unknown encoder {name!r}; expected 'resnet32' or 'resnet18'")
+            expected = ", ".join(repr(n) for n in (*CIFAR_BLOCKS, "resnet18"))
+            raise ValueError(f"unknown encoder {name!r}; expected one of {expected}")
         self.pool = nn.AdaptiveAvgPool2d(pool)
         self.out_features = channels * pool * pool
         # NHWC convolutions: about 25% faster on CPU (oneDNN) and the layout GPUs prefer.

@@ -137,7 +137,8 @@ class DTISprites(nn.Module):
         sprite_size: h = w of the sprite canvas (≤ image_size).
         mask_std: std of the Gaussian mask initialisation, in pixels.
         empty_sprite: add the empty sprite as a candidate.
-        encoder: ``resnet32`` (CIFAR-style, small images) or ``resnet18``.
+        encoder: CIFAR-style ``resnet32`` (small images; ``resnet8``, ``resnet14``, ``resnet20``
+            are shallower and faster) or torchvision-style ``resnet18``.
         pool: adaptive pooling size of the encoder output (F = channels · pool²).
         layer_transforms: per-layer transformation, shared by the sprites of a layer.
         sprite_transforms: per (layer, sprite) transformation, applied before the layer's.
