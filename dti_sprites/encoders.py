@@ -3,7 +3,7 @@ with adaptive pooling."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -79,7 +79,7 @@ class Encoder(nn.Module):
             self.backbone = nn.Sequential(*list(resnet.children())[:-2])  # drop avgpool and fc
             channels = 512
         else:
-            expected = ", ".join(repr(n) for n in (*CIFAR_BLOCKS, "resnet18"))
+            expected = ", ".join(repr(n) for n in get_args(EncoderName))
             raise ValueError(f"unknown encoder {name!r}; expected one of {expected}")
         self.pool = nn.AdaptiveAvgPool2d(pool)
         self.out_features = channels * pool * pool
