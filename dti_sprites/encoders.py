@@ -15,8 +15,25 @@ EncoderName = Literal["resnet8", "resnet14", "resnet20", "resnet32", "resnet18"]
 CIFAR_BLOCKS = {"resnet8": 1, "resnet14": 2, "resnet20": 3, "resnet32": 5}
 
 
+class ShortcutA(nn.Module):
+    """The parameter-free "option A" shortcut of the CIFAR ResNets (He et al. 2016, §4.2).
+
+    Subsamples by 2 and zero-pads the channels: (B, C, H, W) -> (B, 2C, ⌈H/2⌉, ⌈W/2⌉).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.pad = (out_channels - in_channels) // 2
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))  # (B, 2C, H/2, W/2)
+
+
 class BasicBlock(nn.Module):
-    """3×3 conv → BN → ReLU → 3×3 conv → BN, plus a (projected) shortcut, then ReLU."""
+    """3×3 conv → BN → ReLU → 3×3 conv → BN, plus the shortcut, then ReLU.
+
+    Where the stage changes (stride 2, channels doubled) the shortcut is :class:`ShortcutA`.
+    """
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
         super().__init__()
@@ -24,12 +41,11 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(out_channels)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_channels)
-        self.shortcut = nn.Identity()
+        self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_channels != out_channels:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
-                nn.BatchNorm2d(out_channels),
-            )
+            if stride != 2 or out_channels != 2 * in_channels:
+                raise ValueError("option-A shortcuts halve the size and double the channels")
+            self.shortcut = ShortcutA(in_channels, out_channels)
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -39,7 +55,10 @@ class BasicBlock(nn.Module):
 class CifarResNet(nn.Module):
     """ResNet for small images (He et al. 2016, §4.2): 3 stages of 16/32/64 channels.
 
-    ``blocks_per_stage`` = 5 gives ResNet-32. (B, 3, H, W) -> feature map (B, 64, H/4, W/4).
+    The original architecture, as in the paper's "mini ResNet-32": parameter-free option-A
+    shortcuts at the stage changes and Kaiming-normal (fan-in) initialisation of every
+    convolution. ``blocks_per_stage`` = 5 gives ResNet-32 (463,504 parameters without the
+    classifier). (B, 3, H, W) -> feature map (B, 64, ⌈H/4⌉, ⌈W/4⌉).
     """
 
     def __init__(self, blocks_per_stage: int = 5, in_channels: int = 3) -> None:
@@ -56,7 +75,7 @@ class CifarResNet(nn.Module):
         self.out_channels = channels
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.kaiming_normal_(m.weight)  # fan-in, as the original
 
     def forward(self, x: Tensor) -> Tensor:
         return self.stages(self.stem(x))

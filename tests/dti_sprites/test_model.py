@@ -1,8 +1,9 @@
+import numpy as np
 import pytest
 import torch
 
 from dti_sprites.compose import compose
-from dti_sprites.model import DTISprites
+from dti_sprites.model import Decomposition, DTISprites
 from dti_sprites.transforms import GroupedMLP
 
 # Small versions of the paper's configurations (SPEC §7).
@@ -39,8 +40,10 @@ def test_every_parameter_gets_a_gradient_and_nothing_is_nan(name):
     torch.manual_seed(0)
     model = DTISprites(**CONFIGS[name], empty_penalty=0.0).train()
     randomise_heads(model)
-    # Enough images that every sprite is chosen somewhere (its heads then get a gradient).
-    x = torch.rand(24, 3, model.image_size, model.image_size)
+    # Enough images, of varied colours, that every sprite is chosen somewhere (its heads then
+    # get a gradient).
+    size = model.image_size
+    x = 0.5 * torch.rand(24, 3, 1, 1) + 0.5 * torch.rand(24, 3, size, size)
     out = model(x)
     for value in (out.reconstruction, out.layers, out.background, out.mse):
         assert torch.isfinite(value).all()
@@ -173,15 +176,39 @@ def test_decomposition_label_maps_follow_choices():
     assert (semantic[instance == 0] == 0).all()
     fg = out.instance_fg(x)
     assert (fg >= 1).all() and torch.equal(fg[instance > 0], instance[instance > 0])
-    arrays = out.to_arrays()
-    assert arrays["reconstruction"].dtype.name == "uint8" and arrays["layers"].shape == (
-        3,
-        3,
-        20,
-        20,
-        4,
-    )
+    arrays = out.to_arrays(x)
+    assert arrays["reconstruction"].dtype.name == "uint8"
+    assert arrays["layers"].shape == (3, 3, 20, 20, 4)
     assert arrays["sprite_choice"].dtype.name == "int16"
+    assert np.array_equal(arrays["instance_fg"], fg.numpy())
+
+
+def _two_layer_decomposition(sprite_choice: list[int]) -> Decomposition:
+    """One 1×3 image: a red layer over pixel 0, a green one over pixel 1, pixel 2 uncovered."""
+    rgb = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])[:, :, None, None].expand(2, 3, 1, 3)
+    alpha = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]).view(2, 1, 1, 3)
+    layers = torch.cat([rgb, alpha], 1)[None]  # (1, L=2, 4, 1, 3)
+    layers = layers * (torch.tensor(sprite_choice) >= 0).view(1, 2, 1, 1, 1)  # empty: zeros
+    occlusion = torch.tril(torch.ones(3, 3), -1).T[None]  # higher layer in front
+    return Decomposition(
+        reconstruction=torch.zeros(1, 3, 1, 3), layers=layers, background=torch.zeros(1, 3, 1, 3),
+        occlusion=occlusion, sprite_choice=torch.tensor([sprite_choice]),
+        background_choice=torch.zeros(1, dtype=torch.long), mse=torch.zeros(1),
+    )  # fmt: skip
+
+
+def test_instance_fg_gives_an_uncovered_pixel_to_the_best_coloured_layer():
+    image = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.9], [0.0, 0.0, 0.1]])[None, :, None]
+    out = _two_layer_decomposition([4, 7])  # (1, 3, 1, 3): pixel 2 is nearly green
+    assert out.instance().tolist() == [[[1, 2, 0]]]
+    arrays = out.to_arrays(image)
+    assert arrays["instance"].tolist() == [[[1, 2, 0]]]
+    assert arrays["instance_fg"].tolist() == [[[1, 2, 2]]]  # green layer = layer 1 -> label 2
+    assert arrays["instance_fg"].dtype == np.uint8
+    # An empty layer takes no pixel, however well its (zero) colour fits.
+    empty = _two_layer_decomposition([4, -1])
+    assert empty.instance().tolist() == [[[1, 0, 0]]]
+    assert empty.instance_fg(image).tolist() == [[[1, 1, 1]]]
 
 
 @pytest.mark.parametrize(
