@@ -12,10 +12,12 @@ from jsonargparse.typing import NonNegativeFloat, PositiveInt
 class LRDrops(L.Callback):
     """Multiplies each group's learning rate by its own gamma at every epoch milestone.
 
-    ``gammas`` lists one factor per optimizer group in order (prototypes, networks[, encoder]),
-    e.g. ``[1, 0.1]`` keeps the sprite lr and divides the network lr by 10; a single value
-    applies to every group. The lr is recomputed from the group's ``initial_lr`` and the
-    number of milestones passed, so a resumed run continues exactly.
+    ``gammas`` lists one factor per optimizer group in order (prototypes, networks), e.g.
+    ``[1, 0.1]`` keeps the sprite lr and divides the network lr by 10; a single value applies to
+    every group. The encoder is a network: where it has a group of its own it takes the
+    networks' gamma, unless a third value is given for it. The lr is recomputed from the
+    group's ``initial_lr`` and the number of milestones passed, so a resumed run continues
+    exactly.
     """
 
     def __init__(
@@ -32,10 +34,13 @@ class LRDrops(L.Callback):
         for optimizer in trainer.optimizers:
             groups = optimizer.param_groups
             gammas = self.gammas * len(groups) if len(self.gammas) == 1 else self.gammas
+            names = [g.get("name") for g in groups]
+            if len(gammas) == 2 and names == ["prototypes", "networks", "encoder"]:
+                gammas = [*gammas, gammas[1]]
             if len(gammas) != len(groups):
                 raise ValueError(
                     f"LRDrops.gammas has {len(self.gammas)} values for {len(groups)} optimizer "
-                    f"groups ({[g.get('name') for g in groups]})"
+                    f"groups ({names})"
                 )
             for group, gamma in zip(groups, gammas, strict=True):
                 group["lr"] = group["initial_lr"] * gamma**self.drops

@@ -89,12 +89,15 @@ class Decomposition:
         classes = torch.cat([torch.full_like(self.sprite_choice[:, :1], -1), self.sprite_choice], 1)
         return torch.gather(classes, 1, instance.flatten(1)).view_as(instance) + 1
 
-    def to_arrays(self) -> dict[str, np.ndarray]:
+    def to_arrays(self, image: Tensor) -> dict[str, np.ndarray]:
         """The arrays of ``predictions.h5`` (uint8 images, numpy, on the CPU).
 
+        image: the decomposed batch (B, C, H, W) in [0, 1], for ``instance_fg``.
         ``reconstruction`` (B,H,W,3) uint8, ``instance`` (B,H,W) uint8 (0 = background, l+1 =
-        layer l), ``semantic`` (B,H,W) uint8 (0 = background, k+1 = sprite k), ``layers``
-        (B,L,H,W,4) uint8 RGBA, ``sprite_choice`` (B,L) int16 (−1 = empty).
+        layer l: ARI), ``instance_fg`` (B,H,W) uint8 (1..L, background pixels given to the
+        best-coloured layer: ARI-FG), ``semantic`` (B,H,W) uint8 (0 = background, k+1 = sprite
+        k: mACC, mIoU), ``layers`` (B,L,H,W,4) uint8 RGBA, ``sprite_choice`` (B,L) int16
+        (−1 = empty).
         """
 
         def to_uint8(x: Tensor) -> np.ndarray:
@@ -103,6 +106,7 @@ class Decomposition:
         return {
             "reconstruction": to_uint8(self.reconstruction.permute(0, 2, 3, 1)),  # (B, H, W, 3)
             "instance": self.instance().to(torch.uint8).cpu().numpy(),
+            "instance_fg": self.instance_fg(image).to(torch.uint8).cpu().numpy(),
             "semantic": self.semantic().to(torch.uint8).cpu().numpy(),
             "layers": to_uint8(self.layers.permute(0, 1, 3, 4, 2)),  # (B, L, H, W, 4)
             "sprite_choice": self.sprite_choice.to(torch.int16).cpu().numpy(),
@@ -111,11 +115,12 @@ class Decomposition:
     def instance_fg(self, image: Tensor) -> Tensor:
         """Instance labels with predicted-background pixels given to the best-fitting layer.
 
-        Used for ARI-FG: a pixel labelled background goes to the non-empty layer whose colour
-        is closest to the input there. image (B, C, H, W) -> (B, H, W) in 1..L.
+        Used for ARI-FG, as in the paper: a pixel labelled background goes to the non-empty
+        layer whose colour is closest to the input there. image (B, C, H, W) -> (B, H, W) in
+        1..L.
         """
         instance = self.instance()
-        dist = (self.layers[:, :, :-1] - image[:, None]).pow(2).sum(2)  # (B, L, H, W)
+        dist = (self.layers[:, :, :-1].detach() - image[:, None]).pow(2).sum(2)  # (B, L, H, W)
         empty = (self.sprite_choice < 0)[..., None, None]
         dist = dist.masked_fill(empty, float("inf"))
         return torch.where(instance > 0, instance, dist.argmin(1) + 1)
@@ -299,6 +304,11 @@ class DTISprites(nn.Module):
         return pairs
 
     # ------------------------------------------------------------------------------ forward
+    @property
+    def active_penalty(self) -> float:
+        """λ where it applies now: 0 while sprites are frozen (the empty sprite is no candidate)."""
+        return 0.0 if bool(self.sprites_frozen) else float(self.empty_penalty)
+
     def candidate_penalty(self) -> Tensor:
         """λ per candidate (K,): λ for sprites, 0 for the empty one (inf while frozen)."""
         k0 = self.sprites.n_sprites

@@ -6,7 +6,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat
+from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from torch import Tensor
 
 from dti_sprites.metrics import (
@@ -17,6 +17,7 @@ from dti_sprites.metrics import (
     ari_per_image,
 )
 from dti_sprites.model import Decomposition, DTISprites
+from dti_sprites.optim import Adam
 
 
 class DTISpritesModule(L.LightningModule):
@@ -24,13 +25,19 @@ class DTISpritesModule(L.LightningModule):
 
     The objective is the paper's: reconstruction MSE of the selected composition plus
     λ × the mean number of non-empty sprites per image. Given the selection the penalty is a
-    constant, so only the MSE carries gradients; both terms are logged.
+    constant, so only the MSE carries gradients; both terms are logged where λ can change a
+    choice (see :meth:`objective`).
 
     Args:
         model: the layered sprite model.
         lr: Adam learning rate of both parameter groups.
         weight_decay: weight decay of the network group (the prototype group has none).
         encoder_lr_multiplier: scales the encoder's learning rate (1 = the paper's setting).
+        encoder_updates_per_step: Adam updates of the shared encoder per training step, all from
+            the same gradient. The authors' code updates it once per module that holds it, and
+            the paper's numbers come from that: 1 for Tetrominoes, 7 for Multi-dSprites (5 layers'
+            sprite transformations, the layer and the background transformation), 8 for CLEVR6
+            (6 layers' + 2). See :class:`dti_sprites.optim.Adam`.
         prototype_lr_multiplier: scales the learning rate of the prototypes (sprites, masks,
             backgrounds; 1 = the paper's setting). Adam moves a parameter by about lr per step,
             so in a short run the masks hardly leave their initial Gaussian without a larger one
@@ -44,6 +51,7 @@ class DTISpritesModule(L.LightningModule):
         lr: PositiveFloat = 1e-4,
         weight_decay: NonNegativeFloat = 1e-6,
         encoder_lr_multiplier: PositiveFloat = 1.0,
+        encoder_updates_per_step: PositiveInt = 1,
         prototype_lr_multiplier: PositiveFloat = 1.0,
         init_images: NonNegativeInt = 100,
     ) -> None:
@@ -51,6 +59,7 @@ class DTISpritesModule(L.LightningModule):
         self.save_hyperparameters(
             {"lr": float(lr), "weight_decay": float(weight_decay),
              "encoder_lr_multiplier": float(encoder_lr_multiplier),
+             "encoder_updates_per_step": int(encoder_updates_per_step),
              "prototype_lr_multiplier": float(prototype_lr_multiplier),
              "init_images": int(init_images)}
         )  # fmt: skip
@@ -96,9 +105,16 @@ class DTISpritesModule(L.LightningModule):
         return self.model(image)
 
     def objective(self, out: Decomposition) -> dict[str, Tensor]:
-        """Loss terms of a batch: ``mse`` (the loss), ``penalty`` and their sum ``objective``."""
+        """Loss terms of a batch: ``mse`` (the loss) and, where λ can change a choice (an empty
+        sprite to choose, sprites not frozen), ``penalty`` and the sum ``objective``.
+
+        Without an empty sprite every candidate pays λ alike, so the penalty is no term of the
+        objective and is not logged; while sprites are frozen it is off (logged as 0).
+        """
         mse = out.mse.mean()
-        penalty = self.model.empty_penalty * out.n_nonempty.to(mse.dtype).mean()
+        if not self.model.sprites.empty_sprite:
+            return {"mse": mse}
+        penalty = self.model.active_penalty * out.n_nonempty.to(mse.dtype).mean()
         return {"mse": mse, "penalty": penalty, "objective": mse + penalty.detach()}
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
@@ -257,14 +273,18 @@ class DTISpritesModule(L.LightningModule):
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0):
         """The arrays of predictions.h5 for this batch (see ``Decomposition.to_arrays``)."""
-        arrays = self.model(batch["image"]).to_arrays()
+        arrays = self.model(batch["image"]).to_arrays(batch["image"])
         if "index" in batch:
             arrays["index"] = batch["index"].cpu().numpy().astype("int64")
         return arrays
 
     # ---------------------------------------------------------------------------- optimizer
     def parameter_groups(self) -> list[dict[str, Any]]:
-        """Prototypes (sprites, masks, backgrounds; no weight decay) and networks."""
+        """Prototypes (sprites, masks, backgrounds; no weight decay) and networks.
+
+        The encoder has a group of its own (``encoder``, a part of the networks) when its lr or
+        its number of updates per step differs from the other networks'.
+        """
         model = self.model
         prototypes = [model.sprites.appearance, model.sprites.mask]
         if model.backgrounds.image is not None:
@@ -278,16 +298,19 @@ class DTISpritesModule(L.LightningModule):
             {"name": "prototypes", "params": prototypes, "lr": lr_prototypes, "weight_decay": 0.0},
             {"name": "networks", "params": heads, "lr": lr, "weight_decay": wd},
         ]
-        if self.hparams.encoder_lr_multiplier == 1.0:
+        multiplier = self.hparams.encoder_lr_multiplier
+        updates = self.hparams.get("encoder_updates_per_step", 1)
+        if multiplier == 1.0 and updates == 1:
             groups[1]["params"] = encoder + heads
         else:
-            lr_encoder = lr * self.hparams.encoder_lr_multiplier
-            groups.append({"name": "encoder", "params": encoder, "lr": lr_encoder,
-                           "weight_decay": wd})  # fmt: skip
+            groups.append(
+                {"name": "encoder", "params": encoder, "lr": lr * multiplier,
+                 "weight_decay": wd, "updates": updates}
+            )  # fmt: skip
         return groups
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         groups = self.parameter_groups()
         for group in groups:
             group["initial_lr"] = group["lr"]  # base of the LR drops (kept in checkpoints)
-        return torch.optim.Adam(groups)
+        return Adam(groups)

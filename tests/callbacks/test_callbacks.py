@@ -1,3 +1,5 @@
+from types import SimpleNamespace
+
 import lightning as L
 import pytest
 import torch
@@ -68,6 +70,16 @@ def test_lr_drops_apply_per_group_gammas(tmp_path, squares):
     assert drops.state_dict() == {"drops": 2}
     with pytest.raises(ValueError, match=r"LRDrops\.gammas"):
         fit(tmp_path, squares, [LRDrops(milestones=[1], gammas=[1.0, 0.1, 0.5])], epochs=1)
+
+
+def test_lr_drops_give_a_separate_encoder_group_the_networks_gamma():
+    module = DTISpritesModule(DTISprites(image_size=20, n_sprites=3, n_layers=2, sprite_size=12),
+                              lr=1e-2, encoder_updates_per_step=3)  # fmt: skip
+    optimizer = module.configure_optimizers()
+    trainer = SimpleNamespace(optimizers=[optimizer], current_epoch=1)
+    LRDrops(milestones=[1], gammas=[1.0, 0.1]).on_train_epoch_start(trainer, module)
+    lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+    assert lrs == pytest.approx({"prototypes": 1e-2, "networks": 1e-3, "encoder": 1e-3})
 
 
 def test_reassignment_copies_sprite_heads_and_optimizer_state(tmp_path, squares):

@@ -36,6 +36,20 @@ def test_penalty_is_logged_but_carries_no_gradient():
         assert (g is None and h is None) or torch.equal(g, h)
 
 
+def test_penalty_is_a_term_only_where_it_can_change_a_choice():
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, 20, 20)
+    # No empty sprite (Tetrominoes): every candidate pays λ alike; only the MSE is a term.
+    no_empty = DTISpritesModule(DTISprites(**{**MODEL, "empty_sprite": False}, empty_penalty=0.5))
+    assert set(no_empty.objective(no_empty.model(x))) == {"mse"}
+    # Frozen sprites: the empty sprite is no candidate, λ is off.
+    module = DTISpritesModule(DTISprites(**MODEL, empty_penalty=0.5))
+    module.model.freeze_sprites(True)
+    terms = module.objective(module.model(x))
+    assert float(terms["penalty"]) == 0.0
+    torch.testing.assert_close(terms["objective"], terms["mse"])
+
+
 @pytest.mark.parametrize("multiplier", [1.0, 0.5])
 def test_optimizer_groups_hold_every_parameter_once(multiplier):
     module = DTISpritesModule(DTISprites(**MODEL), lr=1e-3, weight_decay=1e-6,
