@@ -12,11 +12,12 @@ Inputs:
   rule of ``ImageFolderDataModule``).
 
 ``predictions.h5`` holds the datasets of ``dti-sprites predict`` (``Decomposition.to_arrays``):
-``reconstruction`` (N, S, S, 3) uint8, ``instance`` and ``semantic`` (N, S, S) uint8, ``layers``
-(N, L, S, S, 4) uint8 RGBA, ``sprite_choice`` (N, L) int16 (−1 = empty), plus ``index`` (N,)
-int64 (row of the input), ``source_index`` (N,) int64 for an HDF5 input (the file's
-``source_index`` if it has one, else the row) and ``path`` (N,) str for a folder input
-(relative to the folder). Attributes: ``checkpoint``, ``input``, ``model_config`` (JSON).
+``reconstruction`` (N, S, S, 3) uint8, ``instance`` (for ARI), ``instance_fg`` (for ARI-FG) and
+``semantic`` (for mACC / mIoU) (N, S, S) uint8, ``layers`` (N, L, S, S, 4) uint8 RGBA,
+``sprite_choice`` (N, L) int16 (−1 = empty), plus ``index`` (N,) int64 (row of the input),
+``source_index`` (N,) int64 for an HDF5 input (the file's ``source_index`` if it has one, else
+the row) and ``path`` (N,) str for a folder input (relative to the folder). Attributes:
+``checkpoint``, ``input``, ``model_config`` (JSON).
 
 With ``--png DIR``, for image i (row i of predictions.h5): ``<i>_layer<l>.png`` (RGBA of layer
 l, transparent where the layer is empty), ``<i>_reconstruction.png`` and ``<i>.json``
@@ -161,8 +162,9 @@ def png_outputs(
     """Per image b of the batch: ``<i>_layer<l>.png`` (H, W, 4) RGBA, ``<i>_reconstruction.png``
     (H, W, 3) and ``<i>.json``, with i = ``rows[b]`` (its row in predictions.h5).
 
-    ``arrays`` are ``out.to_arrays()``; rows (B,) int; sources (B,) the input's ``source_index``
-    or relative path, recorded in the JSON as ``source``. Files go straight into ``folder``.
+    ``arrays`` are ``out.to_arrays(image)``; rows (B,) int; sources (B,) the input's
+    ``source_index`` or relative path, recorded in the JSON as ``source``. Files go straight
+    into ``folder``.
     """
     params = {name: value.detach().cpu().double().numpy() for name, value in out.params.items()}
     choice = out.sprite_choice.cpu().tolist()  # (B, L)
@@ -222,7 +224,7 @@ def decompose(
         for batch in image_batches(source, size, batch_size):
             image = batch["image"].to(device).float().div_(255)  # (B, 3, S, S)
             out = model(image)
-            arrays = out.to_arrays()
+            arrays = out.to_arrays(image)
             arrays["index"] = batch["index"]
             if "source_index" in batch:
                 arrays["source_index"] = batch["source_index"]

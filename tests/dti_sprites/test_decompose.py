@@ -48,8 +48,9 @@ def expected(ckpt, images: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str,
     """What the model gives for (N, H, W, 3) uint8 images: arrays and selected parameters."""
     model = DTISprites.from_checkpoint(ckpt)
     with torch.no_grad():
-        out = model(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255)
-    return out.to_arrays(), {k: v.numpy() for k, v in out.params.items()}
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+        out = model(x)
+    return out.to_arrays(x), {k: v.numpy() for k, v in out.params.items()}
 
 
 def write_h5(path, images: np.ndarray, source_index: np.ndarray | None = None) -> None:
