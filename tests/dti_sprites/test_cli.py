@@ -1,5 +1,7 @@
+import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -9,22 +11,33 @@ from dti_sprites.cli import main
 DEMO = str(Path(__file__).parents[2] / "experiments" / "demo.yaml")
 
 
+def script(name: str) -> str:
+    """The console script ``name`` of the running interpreter's environment (not found on PATH,
+    so the tests pass without an activated venv)."""
+    folder = sysconfig.get_path("scripts")
+    path = shutil.which(name, path=folder)
+    if path is None:
+        pytest.fail(f"console script {name!r} not found in {folder}: install the package into "
+                    f"the environment of {sys.executable} (pip install -e .)")  # fmt: skip
+    return path
+
+
 def run(*args):
     return subprocess.run(list(args), capture_output=True, text=True, timeout=300)
 
 
 def test_console_scripts_show_help_and_print_config():
-    help_ = run("dti-sprites", "--help")
+    help_ = run(script("dti-sprites"), "--help")
     assert help_.returncode == 0 and "{fit,validate,test,predict}" in help_.stdout
     module = run(sys.executable, "-m", "dti_sprites", "fit", "--help")
     assert module.returncode == 0 and "--model.lr" in module.stdout
-    config = run("lightning", "fit", "--config", DEMO, "--print_config")
+    config = run(script("lightning"), "fit", "--config", DEMO, "--print_config")
     assert config.returncode == 0, config.stderr
     assert "n_sprites: 19" in config.stdout and "TetrominoesDataModule" in config.stdout
 
 
 def test_lightning_forwards_other_subcommands_or_says_why_not():
-    result = run("lightning", "login")
+    result = run(script("lightning"), "login")
     try:
         import lightning_sdk  # noqa: F401
     except ImportError:
