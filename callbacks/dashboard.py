@@ -12,7 +12,6 @@ Shapes: K0 learned sprites, L layers, H×W image, h×w sprite canvas, N images.
 from __future__ import annotations
 
 import csv
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from torchvision.utils import make_grid, save_image
 
 from dti_sprites.callbacks.reassignment import SpriteReassignment
 from dti_sprites.callbacks.run_dir import run_dir
+from dti_sprites.io import atomic_write
 
 # Distinct colours for label maps: index 0 (background) is black.
 PALETTE = torch.tensor(
@@ -57,29 +57,22 @@ def sprite_color(k: int) -> tuple[int, int, int]:
 
 def save_png(image: Tensor, path: Path) -> None:
     """Save a (3, H, W) image in [0, 1] atomically (temp file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    save_image(image, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        save_image(image, tmp, format="png")
 
 
 def save_pil(image: Image.Image, path: Path) -> None:
     """Save a PIL image as PNG atomically (temp file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        image.save(tmp, format="PNG")
 
 
 def save_csv(rows: Sequence[Sequence[Any]], columns: Sequence[str], path: Path) -> None:
     """Write a CSV table atomically (temp file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.csv")
-    with open(tmp, "w", newline="") as f:
+    with atomic_write(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(columns)
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def upscale(grid: Tensor, zoom: int) -> Tensor:

@@ -79,7 +79,7 @@ def test_dashboard_writes_wandb_media_offline_and_the_same_pngs(offline_wandb, s
         assert (folder / "images" / f"{name}.png").is_file(), name
     with Image.open(folder / "images" / "test_paper320_worst.png") as worst:
         assert worst.size == (3 * 21 + 1, 4 * 21 + 1)  # 3 worst images × (input, recon, inst, gt)
-    assert not list(folder.rglob(".*.tmp.*"))
+    assert not list(folder.rglob("*.partial"))  # no temporary file of atomic_write left
 
     events = reassignment.events
     assert events and min(e["step"] for e in events) >= 3  # after the frozen first epoch

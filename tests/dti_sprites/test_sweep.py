@@ -9,6 +9,7 @@ import yaml
 from PIL import Image
 
 from dti_sprites.cli import main as cli_main
+from dti_sprites.io import partial_path
 from dti_sprites.sweep import chord_distances, elbow, main, plot_sweep, run_config, write_csv
 
 EXPERIMENTS = Path(__file__).parents[2] / "experiments"
@@ -67,7 +68,7 @@ def test_csv_and_png_mark_the_elbow(tmp_path):
     assert [int(r["elbow"]) for r in table] == [0, 0, 1, 0, 0]
     assert float(table[2]["distance"]) == pytest.approx(max(float(r["distance"]) for r in table))
     assert [r["k"] for r in rows] == [10, 15, 19, 25, 30]
-    assert not (tmp_path / "k_sweep.csv.tmp").exists()
+    assert not partial_path(tmp_path / "k_sweep.csv").exists()
 
     ks, losses = [r["k"] for r in rows], [r["final_loss"] for r in rows]
     marked = np.asarray(plot_sweep(ks, losses, 19, size=(480, 320)))
