@@ -260,8 +260,9 @@ def run_config(config: dict[str, Any], folder: Path, run_name: str) -> dict[str,
     """The config of one run of a sweep: a copy of ``config`` whose outputs go to ``folder``.
 
     Loggers (W&B, CSV, TensorBoard) save under ``folder`` and the W&B run is named
-    ``run_name``; every ModelCheckpoint writes to ``folder/checkpoints`` (the experiment configs
-    fix one checkpoint folder per experiment, which every K would otherwise share).
+    ``run_name``; every ModelCheckpoint writes to ``folder/checkpoints``. (The fit's
+    ``--trainer.default_root_dir=folder`` alone does this for the experiment configs; a config
+    that fixes a folder itself would otherwise make every K share it.)
     """
     config = copy.deepcopy(config)
     trainer = config.get("trainer") or {}
