@@ -8,7 +8,6 @@ import pytest
 import yaml
 from PIL import Image
 
-from dti_sprites.cli import main as cli_main
 from dti_sprites.io import partial_path
 from dti_sprites.sweep import chord_distances, elbow, main, plot_sweep, run_config, write_csv
 
@@ -149,37 +148,3 @@ def test_k_sweep_rejects_bad_arguments_before_training(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["k", "--config", config])  # --k is required
     assert not list(tmp_path.iterdir())
-
-
-# ---------------------------------------------------------------------------- ablations
-ABLATIONS = {
-    "tetrominoes_no_mask_noise": ("tetrominoes", "mask_noise", 0.0),
-    "multidsprites_lambda_0": ("multidsprites", "empty_penalty", 0.0),
-    "multidsprites_lambda_1e-5": ("multidsprites", "empty_penalty", 1e-5),
-    "multidsprites_lambda_1e-4": ("multidsprites", "empty_penalty", 1e-4),
-    "multidsprites_lambda_1e-3": ("multidsprites", "empty_penalty", 1e-3),
-}
-
-
-def test_every_ablation_config_is_listed():
-    assert {p.stem for p in (EXPERIMENTS / "ablations").glob("*.yaml")} == set(ABLATIONS)
-
-
-@pytest.mark.parametrize("name", sorted(ABLATIONS))
-def test_ablation_is_its_base_config_with_one_change(name, capsys):
-    base_name, key, value = ABLATIONS[name]
-    path = EXPERIMENTS / "ablations" / f"{name}.yaml"
-    text = path.read_text()
-    assert text.startswith("# Ablation (SPEC §10)")
-    config = yaml.safe_load(text)
-    base = yaml.safe_load((EXPERIMENTS / f"{base_name}.yaml").read_text())
-    assert config["model"]["model"]["init_args"][key] == value
-    # Only the root differs besides the key: its own run, never the base's checkpoints.
-    base["model"]["model"]["init_args"][key] = value
-    base["trainer"]["default_root_dir"] = f"runs/ablations/{name}"
-    assert config == base
-    # The CLI accepts it (types, keys), as a user would run it.
-    with pytest.raises(SystemExit) as exit_:
-        cli_main(["fit", "--config", str(path), "--print_config"])
-    assert exit_.value.code in (0, None)
-    assert f"default_root_dir: runs/ablations/{name}" in capsys.readouterr().out
