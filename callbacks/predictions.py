@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -12,19 +13,24 @@ import numpy as np
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from dti_sprites.callbacks.run_dir import run_dir
+from dti_sprites.io import atomic_write
+
+
+class _Discard(Exception):
+    """Ends the atomic write of a :class:`PredictionFile` without keeping the file."""
 
 
 class PredictionFile:
     """Appends batches of arrays to an HDF5 file under a temporary name; ``close`` renames it.
 
-    Until ``close(commit=True)`` only ``<name>.tmp`` exists, so a crashed run never leaves a
-    file that looks whole.
+    Until ``close(commit=True)`` only the temporary file of :func:`~dti_sprites.io.atomic_write`
+    exists, so a crashed run never leaves a file that looks whole.
     """
 
     def __init__(self, path: str | Path, attrs: dict[str, Any] | None = None) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self._write = contextlib.ExitStack()  # holds the atomic write open across batches
+        self.tmp = self._write.enter_context(atomic_write(self.path))
         self.file = h5py.File(self.tmp, "w")
         for key, value in (attrs or {}).items():
             self.file.attrs[key] = value
@@ -47,9 +53,10 @@ class PredictionFile:
     def close(self, commit: bool = True) -> Path:
         self.file.close()
         if commit:
-            os.replace(self.tmp, self.path)
+            self._write.close()  # renames the temporary file to ``path``
         else:
-            self.tmp.unlink(missing_ok=True)
+            with contextlib.suppress(_Discard), self._write:
+                raise _Discard  # the atomic write deletes its temporary file
         return self.path
 
 

@@ -47,7 +47,8 @@ from dti_sprites.datamodules.schemas import (
     get_schema,
     resolve_variant,
 )
-from dti_sprites.datamodules.tfrecord import atomic_output, iter_examples
+from dti_sprites.datamodules.tfrecord import iter_examples
+from dti_sprites.io import atomic_write
 
 __all__ = [
     "CONVERTER_VERSION",
@@ -379,7 +380,7 @@ def convert(
         raise ValueError(f"{out}: the output would overwrite the source")
     first_n = limit if limit is not None else protocol.first_n
     start = time.perf_counter()
-    with atomic_output(out) as temporary:
+    with atomic_write(out) as temporary:
         with h5py.File(temporary, "w") as h5:
             counts, sha256 = _convert_into(h5, schema, protocol, src, first_n, progress)
             h5.attrs.update(_provenance(dataset, schema, protocol, src, first_n, sha256, counts))

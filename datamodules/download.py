@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
 from dti_sprites.datamodules.schemas import get_schema
+from dti_sprites.io import atomic_write
 
 try:
     import fcntl
@@ -440,9 +441,8 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def _say(enabled: bool, message: str) -> None:

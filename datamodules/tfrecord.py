@@ -32,7 +32,6 @@ implementation (about 1.5 ns per byte on one core, see ``crc32c_numpy``).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import struct
 import zlib
@@ -42,13 +41,14 @@ from typing import BinaryIO, Literal, TypeAlias
 
 import numpy as np
 
+from dti_sprites.io import atomic_write
+
 __all__ = [
     "CRC32C_BACKEND",
     "Compression",
     "FeatureValue",
     "TFRecordError",
     "TFRecordWriter",
-    "atomic_output",
     "crc32c",
     "crc32c_numpy",
     "crc32c_reference",
@@ -874,33 +874,13 @@ class TFRecordWriter:
         self.close()
 
 
-@contextlib.contextmanager
-def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it to ``path`` only on success.
-
-    The temporary name is ``<name>.partial`` in the same folder (so the rename is atomic and a
-    re-run after a crash overwrites the stale file). On any exception it is removed and ``path``
-    is left as it was.
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(target.name + ".partial")
-    temporary.unlink(missing_ok=True)
-    try:
-        yield temporary
-        os.replace(temporary, target)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-
-
 def write_examples(
     path: str | os.PathLike[str],
     examples: Iterable[Mapping[str, FeatureValue]],
     compression: Literal["gzip", "zlib", "none"] = "gzip",
 ) -> int:
     """Atomically write ``examples`` as a TFRecord file; returns the number of records."""
-    with atomic_output(path) as temporary, TFRecordWriter(temporary, compression) as writer:
+    with atomic_write(path) as temporary, TFRecordWriter(temporary, compression) as writer:
         for example in examples:
             writer.write_example(example)
     return writer.count
