@@ -36,10 +36,10 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from dti_sprites.callbacks import SpriteDashboard
-from dti_sprites.callbacks.dashboard import save_png, sprite_grid, upscale
 from dti_sprites.cli import DTISpritesCLI
 from dti_sprites.datamodules.base import DTIDataModule
 from dti_sprites.module import DTISpritesModule
+from dti_sprites.viz import save_figure, sprite_figure
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -128,7 +128,7 @@ def run_seed(args: argparse.Namespace, extra: list[str], seed: int, folder: Path
     trainer.callbacks[:] = [c for c in trainer.callbacks if not isinstance(c, skip)]
     trainer.callbacks.append(Recorder(folder / f"seed{seed}.csv"))
     trainer.fit(module, cli.datamodule)
-    save_png(upscale(sprite_grid(module.model), 4), folder / f"seed{seed}_sprites.png")
+    save_figure(sprite_figure(module.model, zoom=2), folder / f"seed{seed}_sprites.png")
 
 
 def plot(folder: Path, seeds: list[int], title: str) -> Path:

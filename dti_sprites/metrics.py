@@ -1,4 +1,5 @@
-"""Evaluation metrics of DTI-Sprites (SPEC §9) as DDP-safe ``torchmetrics.Metric`` classes.
+"""Evaluation metrics of DTI-Sprites (docs/method.md §9), as DDP-safe ``torchmetrics.Metric``
+classes.
 
 Shapes (B batch, H×W image; label maps may have any trailing shape ``(B, *)`` as long as
 prediction and target agree):

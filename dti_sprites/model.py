@@ -76,7 +76,7 @@ class Decomposition:
         return (self.sprite_choice >= 0).sum(1)
 
     def instance(self) -> Tensor:
-        """Instance labels (B, H, W): 0 = background, l + 1 = layer l (SPEC §9).
+        """Instance labels (B, H, W): 0 = background, l + 1 = layer l (docs/method.md §9).
 
         Computed once (``semantic``, ``instance_fg`` and the metrics all start from it)."""
         if self._instance is None:

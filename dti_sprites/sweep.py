@@ -1,4 +1,5 @@
-"""``dti-sprites-sweep k``: the final training loss against the number of sprites K (SPEC §10).
+"""``dti-sprites-sweep k``: the final training loss against the number of sprites K
+(docs/method.md §10).
 
     dti-sprites-sweep k --config experiments/tetrominoes.yaml --k 10 15 19 25 30
         [--out DIR] [--window N] [any `dti-sprites fit` override, e.g. --trainer.max_steps=5000]

@@ -46,7 +46,7 @@ def test_every_ablation_is_a_few_line_delta_on_its_base():
     for ablation in ABLATIONS:
         base, key, value = ABLATION_DELTAS[ablation.stem]
         text = ablation.read_text()
-        assert text.startswith("# Ablation (SPEC §10)")
+        assert text.startswith("# Ablation (docs/method.md §10)")
         assert composed(ablation) == [EXPERIMENTS / f"{base}.yaml", ablation]
         base_model = yaml.safe_load((EXPERIMENTS / f"{base}.yaml").read_text())["model"]["model"]
         assert key in base_model["init_args"]
