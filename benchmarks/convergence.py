@@ -55,26 +55,21 @@ class Recorder(L.Callback):
     def __init__(self, path: Path) -> None:
         self.path = path
         self.start = time.perf_counter()
-        self.counts: torch.Tensor | None = None
+        self.base: torch.Tensor | None = None  # the module's sprite usage at the last row
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("w", newline="") as f:
             csv.writer(f).writerow(FIELDS)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        choice = outputs["sprite_choice"].flatten().cpu()
-        counts = torch.bincount(choice[choice >= 0], minlength=pl_module.model.sprites.n_sprites)
-        self.counts = counts if self.counts is None else self.counts + counts
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return
         k0 = pl_module.model.sprites.n_sprites
-        counts = self.counts if self.counts is not None else torch.zeros(k0)
+        counts = pl_module.usage_since(self.base)[:, :-1].sum(0)  # (K0,)
+        self.base = pl_module.usage.detach().clone()
         in_use = int((counts >= 0.2 / k0 * counts.sum().clamp(min=1)).sum())
-        self.counts = None
         metrics = trainer.callback_metrics
         rows = []
-        for protocol in pl_module._protocols():
+        for protocol in pl_module.eval_protocols():
             row: dict[str, Any] = {"step": trainer.global_step, "protocol": protocol,
                                    "seconds": round(time.perf_counter() - self.start, 1),
                                    "sprites_in_use": in_use}  # fmt: skip

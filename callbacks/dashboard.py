@@ -51,17 +51,6 @@ def save_csv(rows: Sequence[Sequence[Any]], columns: Sequence[str], path: Path) 
         writer.writerows(rows)
 
 
-def usage_counts(sprite_choice: Tensor, n_sprites: int) -> Tensor:
-    """Choices per layer and sprite. sprite_choice (B, L), −1 = empty → (L, K0 + 1) int64,
-    column K0 counting the empty sprite."""
-    choice = sprite_choice.detach().long().cpu()
-    choice = torch.where(choice < 0, n_sprites, choice)  # (B, L)
-    n_layers = choice.shape[1]
-    flat = choice + torch.arange(n_layers)[None] * (n_sprites + 1)  # (B, L)
-    counts = torch.bincount(flat.flatten(), minlength=n_layers * (n_sprites + 1))
-    return counts.view(n_layers, n_sprites + 1)  # (L, K0 + 1)
-
-
 # ------------------------------------------------------------------------- eval records
 @dataclass
 class EvalRecords:
@@ -190,7 +179,7 @@ class SpriteDashboard(L.Callback):
         self.n_worst = n_worst
         self.zoom = int(zoom)
         self.images: Tensor | None = None
-        self.usage: Tensor | None = None  # (L, K0 + 1) choices since the last drawing
+        self._usage_base: Tensor | None = None  # the module's usage at the last drawing
         self.records: dict[str, EvalRecords] = {}
         self._last_step = -1
         self._logged_events = 0
@@ -206,9 +195,6 @@ class SpriteDashboard(L.Callback):
             return
         if self.images is None:
             self.images = batch["image"][: self.n_images].detach().cpu()
-        if isinstance(outputs, dict) and "sprite_choice" in outputs:
-            counts = usage_counts(outputs["sprite_choice"], pl_module.model.sprites.n_sprites)
-            self.usage = counts if self.usage is None else self.usage + counts
         self.log_stage(pl_module)
         step = trainer.global_step
         if step % self.every_n_steps == 0 and step != self._last_step:
@@ -244,24 +230,24 @@ class SpriteDashboard(L.Callback):
             figures["decompositions"] = decomposition_figure(model, images, self.zoom)
         model.train(was_training)
         usage_rows: list[list[Any]] = []
-        if self.usage is not None and int(self.usage.sum()) > 0:
-            figures["usage"] = usage_figure(self.usage)
+        usage = pl_module.usage_since(self._usage_base).cpu()  # (L, K0 + 1), since last drawing
+        self._usage_base = pl_module.usage.detach().clone()
+        if int(usage.sum()) > 0:
+            figures["usage"] = usage_figure(usage)
         folder = run_dir(trainer)
         media: dict[str, np.ndarray] = {  # the PNGs as written, (H, W, 3) uint8
             name: save_figure(figure, folder / "images" / f"{name}.png")
             for name, figure in figures.items()
         }
         if "usage" in figures:
-            share = self.usage.double() / self.usage.sum(1, keepdim=True).clamp(min=1)
-            k0 = self.usage.shape[1] - 1
-            for layer in range(self.usage.shape[0]):
+            share = usage.double() / usage.sum(1, keepdim=True).clamp(min=1)
+            k0 = usage.shape[1] - 1
+            for layer in range(usage.shape[0]):
                 for k in range(k0 + 1):
                     name = "empty" if k == k0 else str(k)
-                    usage_rows.append([layer, name, int(self.usage[layer, k]),
-                                       float(share[layer, k])])  # fmt: skip
+                    usage_rows.append([layer, name, int(usage[layer, k]), float(share[layer, k])])
             save_csv(usage_rows, ["layer", "sprite", "count", "share"],
                      folder / "tables" / "usage.csv")  # fmt: skip
-            self.usage = None
         events = self.reassignment_events(trainer)
         if events:
             rows = [[e["step"], e["src"], e["dst"]] for e in events]
@@ -313,11 +299,10 @@ class SpriteDashboard(L.Callback):
     def on_test_epoch_start(self, trainer, pl_module) -> None:
         self._start_eval()
 
-    def _collect(self, trainer, outputs, batch, dataloader_idx: int) -> None:
+    def _collect(self, trainer, pl_module, outputs, batch, dataloader_idx: int) -> None:
         if trainer.sanity_checking or not isinstance(outputs, dict) or "ari_fg" not in outputs:
             return
-        protocols = tuple(getattr(trainer.datamodule, "eval_protocols", None) or ("val",))
-        protocol = protocols[dataloader_idx] if dataloader_idx < len(protocols) else "val"
+        protocol = pl_module.protocol(dataloader_idx)
         if protocol not in self.records:
             self.records[protocol] = EvalRecords(self.n_worst)
         records = self.records[protocol]
@@ -330,12 +315,12 @@ class SpriteDashboard(L.Callback):
     def on_validation_batch_end(
         self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
     ) -> None:
-        self._collect(trainer, outputs, batch, dataloader_idx)
+        self._collect(trainer, pl_module, outputs, batch, dataloader_idx)
 
     def on_test_batch_end(
         self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
     ) -> None:
-        self._collect(trainer, outputs, batch, dataloader_idx)
+        self._collect(trainer, pl_module, outputs, batch, dataloader_idx)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:

@@ -15,13 +15,13 @@ from dti_sprites.optim import copy_optimizer_state
 class SpriteReassignment(L.Callback):
     """Every ``every_n_steps`` steps, replaces rarely used sprites by a copy of the most used.
 
-    Usage is the share of layer choices per sprite since the last check, pooled over all layers
-    and summed over all DDP ranks, so every rank takes the same decision. A sprite is unused
-    when its usage is below ``threshold / K0`` — relative to the most used sprite when the
-    model has an empty sprite, absolute otherwise. The copy takes the appearance (plus
-    N(0, ``noise_std``²) noise drawn from a generator seeded by ``seed`` and the step, identical
-    on every rank), the mask, every transformation head of the sprite, and the optimizer state
-    (cloned). Nothing happens while sprites are frozen.
+    Usage is the share of layer choices per sprite since the last check (read from the module's
+    ``usage`` counter), pooled over all layers and summed over all DDP ranks, so every rank
+    takes the same decision. A sprite is unused when its usage is below ``threshold / K0`` —
+    relative to the most used sprite when the model has an empty sprite, absolute otherwise.
+    The copy takes the appearance (plus N(0, ``noise_std``²) noise drawn from a generator seeded
+    by ``seed`` and the step, identical on every rank), the mask, every transformation head of
+    the sprite, and the optimizer state (cloned). Nothing happens while sprites are frozen.
     """
 
     def __init__(
@@ -35,7 +35,7 @@ class SpriteReassignment(L.Callback):
         self.threshold = float(threshold)
         self.noise_std = float(noise_std)
         self.seed = int(seed)
-        self.counts: torch.Tensor | None = None
+        self.base: torch.Tensor | None = None  # the module's usage at the last check
         self.steps = 0  # training steps since the last check
         self.events: list[dict[str, int]] = []  # {"step", "src", "dst"}
 
@@ -48,18 +48,12 @@ class SpriteReassignment(L.Callback):
         batch_idx: int,
     ) -> None:
         model = pl_module.model
-        k0 = model.sprites.n_sprites
-        if self.counts is None:
-            self.counts = torch.zeros(k0, dtype=torch.long)
-        choice = outputs["sprite_choice"].detach().flatten().cpu()
-        self.counts += torch.bincount(choice[choice >= 0], minlength=k0)
         self.steps += 1
         if self.steps < self.every_n_steps:
             return
-        counts = trainer.strategy.reduce(
-            self.counts.to(pl_module.device).float(), reduce_op="sum"
-        ).cpu()
-        self.counts.zero_()
+        mine = pl_module.usage_since(self.base)[:, :-1].sum(0)  # (K0,) this rank, all layers
+        self.base = pl_module.usage.detach().clone()
+        counts = trainer.strategy.reduce(mine.float(), reduce_op="sum").cpu()
         self.steps = 0
         if bool(model.sprites_frozen) or counts.sum() == 0:
             return
@@ -95,12 +89,12 @@ class SpriteReassignment(L.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "counts": None if self.counts is None else self.counts.clone(),
+            "base": None if self.base is None else self.base.clone(),
             "steps": self.steps,
             "events": list(self.events),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.counts = state_dict["counts"]
+        self.base = state_dict["base"]
         self.steps = state_dict["steps"]
         self.events = list(state_dict["events"])

@@ -36,6 +36,8 @@ Conventions where the paper is silent (see the class docstrings for details):
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -45,7 +47,9 @@ from torchmetrics import Metric
 __all__ = [
     "ARI",
     "ClusteringAccuracy",
+    "ClusteringScore",
     "ForegroundIoU",
+    "SemanticScore",
     "SemanticScores",
     "ari_per_image",
     "hungarian_match",
@@ -288,6 +292,28 @@ class SemanticScores(_ConfusionMetric):
         }
 
 
+SemanticScoreName = Literal["global_acc", "macc", "miou", "macc_nobg", "miou_nobg"]
+
+
+class SemanticScore(SemanticScores):
+    """One value of :class:`SemanticScores` (``score``), as a scalar metric.
+
+    What a ``MetricCollection`` logged through Lightning needs (one scalar per metric); the
+    scores of one collection share a single confusion matrix (its compute groups).
+    """
+
+    def __init__(
+        self, num_classes: int, num_clusters: int | None = None, score: SemanticScoreName = "miou"
+    ) -> None:
+        if score not in get_args(SemanticScoreName):
+            raise ValueError(f"score={score!r}; expected one of {get_args(SemanticScoreName)}")
+        super().__init__(num_classes, num_clusters)
+        self.score = score
+
+    def compute(self) -> Tensor:  # type: ignore[override]
+        return super().compute()[self.score]
+
+
 class ClusteringAccuracy(_ConfusionMetric):
     """Clustering accuracy (Hungarian) and NMI for single-object datasets (GTSRB-8, SVHN).
 
@@ -312,6 +338,24 @@ class ClusteringAccuracy(_ConfusionMetric):
     def compute(self) -> dict[str, Tensor]:
         true, tp, _ = self._matched()
         return {"acc": tp.sum() / true.sum(), "nmi": _nmi(self.confusion)}
+
+
+class ClusteringScore(ClusteringAccuracy):
+    """One value of :class:`ClusteringAccuracy` (``acc`` or ``nmi``), as a scalar metric."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        num_clusters: int | None = None,
+        score: Literal["acc", "nmi"] = "acc",
+    ) -> None:
+        if score not in ("acc", "nmi"):
+            raise ValueError(f"score={score!r}; expected 'acc' or 'nmi'")
+        super().__init__(num_classes, num_clusters)
+        self.score = score
+
+    def compute(self) -> Tensor:  # type: ignore[override]
+        return super().compute()[self.score]
 
 
 def _nmi(confusion: Tensor) -> Tensor:

@@ -2,22 +2,34 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, get_args
 
 import lightning as L
 import torch
 from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from torch import Tensor
+from torchmetrics import Metric, MetricCollection
 
 from dti_sprites.metrics import (
     ARI,
-    ClusteringAccuracy,
+    ClusteringScore,
     ForegroundIoU,
-    SemanticScores,
+    SemanticScore,
+    SemanticScoreName,
     ari_per_image,
 )
 from dti_sprites.model import Decomposition, DTISprites
 from dti_sprites.optim import Adam
+
+
+def usage_counts(sprite_choice: Tensor, n_sprites: int) -> Tensor:
+    """Choices per layer and sprite. sprite_choice (B, L), −1 = empty → (L, K0 + 1) int64,
+    column K0 counting the empty sprite."""
+    choice = sprite_choice.detach().long()
+    choice = torch.where(choice < 0, n_sprites, choice)  # (B, L)
+    index = choice.T  # (L, B)
+    counts = torch.zeros(choice.shape[1], n_sprites + 1, dtype=torch.long, device=choice.device)
+    return counts.scatter_add_(1, index, torch.ones_like(index))  # (L, K0 + 1)
 
 
 class DTISpritesModule(L.LightningModule):
@@ -64,9 +76,13 @@ class DTISpritesModule(L.LightningModule):
              "init_images": int(init_images)}
         )  # fmt: skip
         self.model = model
-        k0 = model.sprites.n_sprites
-        self.register_buffer("usage", torch.zeros(k0, dtype=torch.long), persistent=False)
-        self.metrics = torch.nn.ModuleDict()  # built per evaluation protocol in setup()
+        # Sprite usage: choices per (layer, sprite) since the start, the empty sprite last. One
+        # counter for every reader (epoch logging, reassignment, dashboard); each keeps its own
+        # baseline and reads the difference (see usage_since).
+        usage = torch.zeros(model.n_layers, model.sprites.n_sprites + 1, dtype=torch.long)
+        self.register_buffer("usage", usage)  # (L, K0 + 1), in checkpoints
+        self._epoch_usage = usage.clone()
+        self.metrics = torch.nn.ModuleDict()  # MetricCollections, built in setup()
 
     # ------------------------------------------------------------------------------- setup
     def setup(self, stage: str) -> None:
@@ -123,7 +139,7 @@ class DTISpritesModule(L.LightningModule):
         self._stop_on_nonfinite(terms["mse"])
         self.log_dict({f"train/{k}": v for k, v in terms.items()}, prog_bar=True, sync_dist=True)
         choice = out.sprite_choice
-        self.usage += torch.bincount(choice[choice >= 0], minlength=len(self.usage))
+        self.count_usage(choice)
         loss = terms["mse"]
         idle = self.model.idle_parameters()
         if idle:
@@ -150,47 +166,72 @@ class DTISpritesModule(L.LightningModule):
             f"Last good checkpoint: {last or 'none saved yet'}"
         )
 
+    @torch.no_grad()
+    def count_usage(self, choice: Tensor) -> None:
+        """Add a batch's choices (B, L) (−1 = empty) to ``usage``."""
+        self.usage += usage_counts(choice, self.model.sprites.n_sprites).to(self.usage)
+
+    def usage_since(self, baseline: Tensor | None) -> Tensor:
+        """Choices per (layer, sprite) since ``baseline`` (a clone of ``usage``), this rank."""
+        usage = self.usage.detach()
+        return usage.clone() if baseline is None else usage - baseline.to(usage)
+
     def on_train_epoch_end(self) -> None:
-        usage = self.trainer.strategy.reduce(self.usage.float(), reduce_op="sum")
+        counts = self.usage_since(self._epoch_usage)[:, :-1].sum(0)  # (K0,)
+        self._epoch_usage = self.usage.detach().clone()
+        usage = self.trainer.strategy.reduce(counts.float(), reduce_op="sum")
         share = usage / usage.sum().clamp(min=1)
         self.log_dict({f"usage/sprite_{k}": v for k, v in enumerate(share)}, sync_dist=False)
-        self.usage.zero_()
 
     # -------------------------------------------------------------------------- evaluation
-    def _protocols(self) -> tuple[str, ...]:
+    def eval_protocols(self) -> tuple[str, ...]:
+        """Names of the evaluation dataloaders, in order: the DataModule's ``eval_protocols``
+        (e.g. ``paper320``, ``heldout``), or ``val`` for a single unnamed one."""
         datamodule = getattr(self.trainer, "datamodule", None)
         return tuple(getattr(datamodule, "eval_protocols", None) or ("val",))
 
-    def _make_metrics(self) -> None:
-        """One set of metrics per evaluation protocol (dataloader), by the data's ground truth.
+    def protocol(self, dataloader_idx: int = 0) -> str:
+        """Name of evaluation dataloader ``dataloader_idx``."""
+        return self.eval_protocols()[dataloader_idx]
 
-        Multi-object data: ARI, ARI-FG and semantic scores (classes from the DataModule's
-        ``num_semantic_classes``); single-object data: clustering accuracy when labelled,
-        foreground IoU on masks. Which are updated depends on the keys of each batch.
+    def _metric_groups(self) -> dict[str, dict[str, Metric]]:
+        """The metrics of one protocol, by the labels they are updated with.
+
+        Multi-object data: ARI on ``instance``, ARI-FG on ``instance_fg``, the semantic scores
+        on ``semantic`` (when the DataModule has ``num_semantic_classes``); single-object data:
+        foreground IoU on masks and clustering accuracy / NMI on labels (``num_classes``).
+        Which are updated depends on the keys of each batch.
         """
         datamodule = getattr(self.trainer, "datamodule", None)
         n_semantic = getattr(datamodule, "num_semantic_classes", 0)
         n_classes = getattr(datamodule, "num_classes", 0)
         k0 = self.model.sprites.n_sprites
-        metrics = {}
-        for protocol in self._protocols():
-            group: dict[str, torch.nn.Module] = {}
-            if self.model.n_layers > 1:
-                group["ari"] = ARI(foreground_only=False)
-                group["ari_fg"] = ARI(foreground_only=True)
-                if n_semantic:
-                    group["semantic"] = SemanticScores(n_semantic, num_clusters=k0 + 1)
-            else:
-                group["fg_iou"] = ForegroundIoU()
-                if n_classes:
-                    group["clustering"] = ClusteringAccuracy(n_classes, num_clusters=k0)
-            metrics[self._metric_key(protocol)] = torch.nn.ModuleDict(group)
-        self.metrics = torch.nn.ModuleDict(metrics)
+        if self.model.n_layers > 1:
+            groups: dict[str, dict[str, Metric]] = {
+                "instance": {"ari": ARI(foreground_only=False)},
+                "instance_fg": {"ari_fg": ARI(foreground_only=True)},
+            }
+            if n_semantic:
+                groups["semantic"] = {name: SemanticScore(n_semantic, k0 + 1, name)
+                                      for name in get_args(SemanticScoreName)}  # fmt: skip
+            return groups
+        groups = {"foreground": {"fg_iou": ForegroundIoU()}}
+        if n_classes:
+            groups["label"] = {name: ClusteringScore(n_classes, k0, name)
+                               for name in ("acc", "nmi")}  # fmt: skip
+        return groups
 
-    @staticmethod
-    def _metric_key(protocol: str) -> str:
-        """ModuleDict key of a protocol (a bare ``train`` would clash with ``Module.train``)."""
-        return f"protocol_{protocol}"
+    def _make_metrics(self) -> None:
+        """One ``MetricCollection`` per stage, protocol and label source, prefixed
+        ``<stage>/<protocol>/``; Lightning computes, syncs and resets what is logged."""
+        metrics = {}
+        for stage in ("val", "test"):
+            for protocol in self.eval_protocols():
+                for source, group in self._metric_groups().items():
+                    metrics[f"{stage}__{protocol}__{source}"] = MetricCollection(
+                        group, prefix=f"{stage}/{protocol}/"
+                    )
+        self.metrics = torch.nn.ModuleDict(metrics).to(self.device)
 
     def _eval_step(
         self, stage: str, batch: dict[str, Tensor], dataloader_idx: int
@@ -198,50 +239,35 @@ class DTISpritesModule(L.LightningModule):
         """Loss terms and metric updates; returns per-image ``ari_fg`` (B,) and ``index``."""
         image = batch["image"]
         out = self.model(image)
+        protocol = self.protocol(dataloader_idx)
         terms = self.objective(out)
-        protocol = self._protocols()[dataloader_idx]
-        self.log_dict(
-            {f"{stage}/{protocol}/{k}": v for k, v in terms.items()},
-            sync_dist=True,
-            add_dataloader_idx=False,
-        )
-        key = self._metric_key(protocol)
-        metrics = self.metrics[key] if key in self.metrics else {}
+        self.log_dict({f"{stage}/{protocol}/{k}": v for k, v in terms.items()},
+                      sync_dist=True, add_dataloader_idx=False)  # fmt: skip
         result: dict[str, Tensor] = {}
-        if "ari" in metrics and "mask" in batch:
-            instance_fg = out.instance_fg(image)
-            metrics["ari"].update(out.instance(), batch["mask"])
-            metrics["ari_fg"].update(instance_fg, batch["mask"])
-            result["ari_fg"] = ari_per_image(instance_fg, batch["mask"], foreground_only=True)
-        if "semantic" in metrics and "semantic" in batch:
-            metrics["semantic"].update(out.semantic(), batch["semantic"])
-        if "fg_iou" in metrics and "mask" in batch:
-            metrics["fg_iou"].update(out.instance() > 0, batch["mask"] > 0)
-        if "clustering" in metrics and "label" in batch:
-            metrics["clustering"].update(out.sprite_choice[:, 0].clamp(min=0), batch["label"])
+        inputs: dict[str, tuple[Tensor, Tensor]] = {}
+        if "mask" in batch:
+            inputs["foreground"] = (out.instance() > 0, batch["mask"] > 0)
+            if self.model.n_layers > 1:
+                instance_fg = out.instance_fg(image)
+                inputs["instance"] = (out.instance(), batch["mask"])
+                inputs["instance_fg"] = (instance_fg, batch["mask"])
+                result["ari_fg"] = ari_per_image(instance_fg, batch["mask"], foreground_only=True)
+        if "semantic" in batch:
+            inputs["semantic"] = (out.semantic(), batch["semantic"])
+        if "label" in batch:
+            inputs["label"] = (out.sprite_choice[:, 0].clamp(min=0), batch["label"])
+        for source, (pred, target) in inputs.items():
+            key = f"{stage}__{protocol}__{source}"
+            if key in self.metrics:
+                self.metrics[key].update(pred, target)
+                self.log_dict(self.metrics[key], add_dataloader_idx=False)
         if "index" in batch:
             result["index"] = batch["index"]
         return result
 
-    def _log_metrics(self, stage: str) -> dict[str, float]:
-        """Compute (synced across ranks), log and reset every metric that saw data."""
-        values: dict[str, float] = {}
-        for key, group in self.metrics.items():
-            protocol = key.removeprefix("protocol_")
-            for name, metric in group.items():
-                if not metric.update_called:
-                    continue
-                result = metric.compute()
-                result = result if isinstance(result, dict) else {name: result}
-                for key, value in result.items():
-                    values[f"{stage}/{protocol}/{key}"] = float(value)
-                metric.reset()
-        if values:
-            self.log_dict(values, sync_dist=False, add_dataloader_idx=False)
-        return values
-
     def on_validation_epoch_start(self) -> None:
-        if {self._metric_key(p) for p in self._protocols()} != set(self.metrics.keys()):
+        expected = {key.split("__")[1] for key in self.metrics.keys()}
+        if expected != set(self.eval_protocols()):
             self._make_metrics()
 
     on_test_epoch_start = on_validation_epoch_start
@@ -249,19 +275,26 @@ class DTISpritesModule(L.LightningModule):
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0):
         return self._eval_step("val", batch, dataloader_idx)
 
-    def on_validation_epoch_end(self) -> None:
-        values = self._log_metrics("val")
-        if not self.trainer.sanity_checking:
-            self._print_table(f"Validation at step {self.global_step} (%)", values)
-
     def test_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0):
         return self._eval_step("test", batch, dataloader_idx)
 
-    def on_test_epoch_end(self) -> None:
-        self._print_table("Test results (%)", self._log_metrics("test"))
+    def on_validation_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self._print_table(f"Validation at step {self.global_step} (%)", "val")
 
-    def _print_table(self, title: str, values: dict[str, float]) -> None:
-        """A (metric, value, protocol) table of ``stage/protocol/metric`` values, on rank 0."""
+    def on_test_end(self) -> None:
+        self._print_table("Test results (%)", "test")
+
+    def metric_values(self, stage: str) -> dict[str, float]:
+        """``<stage>/<protocol>/<metric>`` values of the last evaluation (as logged)."""
+        names = {name for key, collection in self.metrics.items() if key.startswith(f"{stage}__")
+                 for name in collection.keys(keep_base=False)}  # fmt: skip
+        metrics = self.trainer.callback_metrics
+        return {name: float(metrics[name]) for name in names if name in metrics}
+
+    def _print_table(self, title: str, stage: str) -> None:
+        """A (metric, value, protocol) table of the stage's metric values, on rank 0."""
+        values = self.metric_values(stage)
         if not self.trainer.is_global_zero or not values:
             return
         rows = [[*key.split("/", 2)[1:], value] for key, value in values.items()]

@@ -19,9 +19,9 @@ from dti_sprites.callbacks import (
     SpriteReassignment,
     run_dir,
 )
-from dti_sprites.callbacks.dashboard import EvalRecords, usage_counts
+from dti_sprites.callbacks.dashboard import EvalRecords
 from dti_sprites.model import DTISprites
-from dti_sprites.module import DTISpritesModule
+from dti_sprites.module import DTISpritesModule, usage_counts
 
 MODEL = dict(image_size=20, n_sprites=3, n_layers=2, n_backgrounds=1, sprite_size=12, mask_std=3,
              empty_sprite=False, occlusion="predicted", greedy_passes=1,
@@ -62,7 +62,9 @@ def test_dashboard_writes_wandb_media_offline_and_the_same_pngs(offline_wandb, s
     module = DTISpritesModule(DTISprites(**MODEL), lr=1e-2)
     data = squares(n=8)
     trainer.fit(module, data)
-    results = trainer.test(module, data, verbose=False)[0]
+    # One dict per protocol (dataloader): each protocol's metrics are logged with its batches.
+    results = {k: v for per_loader in trainer.test(module, data, verbose=False)
+               for k, v in per_loader.items()}  # fmt: skip
     wandb_logger.experiment.finish()
 
     # PNGs and CSVs in the run folder, for a user without W&B.
