@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from dti_sprites.datamodules.atomic import atomic_output
 from dti_sprites.datamodules.schemas import (
     Schema,
     decode_example,
@@ -47,7 +47,7 @@ from dti_sprites.datamodules.schemas import (
     get_schema,
     resolve_variant,
 )
-from dti_sprites.datamodules.tfrecord import atomic_output, iter_examples
+from dti_sprites.datamodules.tf_example import iter_examples
 
 __all__ = [
     "CONVERTER_VERSION",
@@ -332,11 +332,6 @@ class _H5Rows:
         self.size += n
 
 
-def _fsync(path: Path) -> None:
-    with open(path, "rb+") as handle:
-        os.fsync(handle.fileno())
-
-
 def convert(
     dataset: str,
     src: str | Path,
@@ -383,7 +378,6 @@ def convert(
         with h5py.File(temporary, "w") as h5:
             counts, sha256 = _convert_into(h5, schema, protocol, src, first_n, progress)
             h5.attrs.update(_provenance(dataset, schema, protocol, src, first_n, sha256, counts))
-        _fsync(temporary)
     read, kept, written, _ = counts
     summary = ConversionSummary(
         dataset, schema.variant, src, out, read, kept, read - kept, written,

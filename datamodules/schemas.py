@@ -14,7 +14,8 @@ from typing import Literal, TypeAlias
 
 import numpy as np
 
-from dti_sprites.datamodules.tfrecord import FeatureValue, TFRecordError
+from dti_sprites.datamodules.tf_example import FeatureValue
+from dti_sprites.datamodules.tfrecord import TFRecordError
 
 __all__ = [
     "DEFAULT_VARIANTS",
@@ -247,7 +248,7 @@ def decode_example(
 
     Args:
         schema: the expected dataset.
-        example: output of ``tfrecord.parse_example``.
+        example: output of ``tf_example.parse_example``.
         path, index: file and record index, for error messages.
 
     Returns:

@@ -9,18 +9,24 @@
 - Objects Room (all four variants): sky, floor and two wall halves plus simple objects.
 
 Every generator yields feature dicts with the dtypes and shapes that ``schemas.decode_example``
-gives for real records; ``write_synthetic`` writes them as a whole-file GZIP TFRecord.
+gives for real records; ``write_synthetic`` writes them with ``TFRecordWriter`` as a whole-file
+GZIP TFRecord, as DeepMind's files are.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import os
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import BinaryIO, Literal
 
 import numpy as np
 
+from dti_sprites.datamodules.atomic import atomic_output
 from dti_sprites.datamodules.schemas import Schema, get_schema
-from dti_sprites.datamodules.tfrecord import write_examples
+from dti_sprites.datamodules.tf_example import FeatureValue, encode_example
+from dti_sprites.datamodules.tfrecord import frame_record
 
 __all__ = [
     "BLOCK_INTENSITY",
@@ -31,9 +37,11 @@ __all__ = [
     "DSPRITES_SHAPES",
     "TETROMINO_COLORS",
     "TETROMINO_SHAPES",
+    "TFRecordWriter",
     "render_tetrominoes",
     "synthesize",
     "tetromino_cells",
+    "write_examples",
     "write_synthetic",
 ]
 
@@ -461,3 +469,72 @@ def write_synthetic(
     out = Path(out)
     write_examples(out, synthesize(dataset, n, seed, variant), compression="gzip")
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Writing TFRecord files
+# --------------------------------------------------------------------------------------------
+
+
+class TFRecordWriter:
+    """Write records to a TFRecord file, whole-file GZIP by default (as DeepMind's files).
+
+    Use as a context manager; ``close()`` finishes the compressed stream.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        compression: Literal["gzip", "zlib", "none"] = "gzip",
+        level: int = 6,
+    ) -> None:
+        if compression not in ("gzip", "zlib", "none"):
+            raise ValueError(f"compression must be gzip, zlib or none, not {compression!r}")
+        self.path = Path(path)
+        self._handle: BinaryIO | None = open(self.path, "wb")
+        wbits = {"gzip": 31, "zlib": 15, "none": 0}[compression]
+        self._compressor = zlib.compressobj(level, zlib.DEFLATED, wbits) if wbits else None
+        self.count = 0
+
+    def write(self, data: bytes) -> None:
+        """Append one record (raw bytes, e.g. ``encode_example(...)``)."""
+        if self._handle is None:
+            raise ValueError(f"{self.path}: writer is closed")
+        frame = frame_record(data)
+        if self._compressor is not None:
+            frame = self._compressor.compress(frame)
+        self._handle.write(frame)
+        self.count += 1
+
+    def write_example(self, features: Mapping[str, FeatureValue]) -> None:
+        """Append one ``tf.train.Example`` (see ``tf_example.encode_example``)."""
+        self.write(encode_example(features))
+
+    def close(self) -> None:
+        """Finish the compressed stream and close the file."""
+        if self._handle is None:
+            return
+        try:
+            if self._compressor is not None:
+                self._handle.write(self._compressor.flush())
+        finally:
+            self._handle.close()
+            self._handle = None
+
+    def __enter__(self) -> TFRecordWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def write_examples(
+    path: str | os.PathLike[str],
+    examples: Iterable[Mapping[str, FeatureValue]],
+    compression: Literal["gzip", "zlib", "none"] = "gzip",
+) -> int:
+    """Atomically write ``examples`` as a TFRecord file; returns the number of records."""
+    with atomic_output(path) as partial, TFRecordWriter(partial, compression) as writer:
+        for example in examples:
+            writer.write_example(example)
+    return writer.count

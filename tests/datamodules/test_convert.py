@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from dti_sprites.datamodules import convert as convert_module
 from dti_sprites.datamodules.convert import convert, h5_name
 from dti_sprites.datamodules.schemas import SCHEMAS, decode_example, entity_classes, get_schema
-from dti_sprites.datamodules.synth import synthesize, write_synthetic
-from dti_sprites.datamodules.tfrecord import TFRecordError, iter_examples, write_examples
+from dti_sprites.datamodules.synth import synthesize, write_examples, write_synthetic
+from dti_sprites.datamodules.tf_example import iter_examples
+from dti_sprites.datamodules.tfrecord import TFRecordError
 
 # (converter dataset, variant, generator dataset, expected image side)
 CASES = [("tetrominoes", None, "tetrominoes", 35), ("clevr6", None, "clevr6", 128)]
