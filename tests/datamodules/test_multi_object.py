@@ -598,7 +598,6 @@ def test_prepare_data_downloads_when_allowed(
         thread.join()
     assert path.is_file()
     assert (tmp_path / "data" / "tetrominoes_train.tfrecords").read_bytes() == src.read_bytes()
-    assert (tmp_path / "data" / "tetrominoes_train.tfrecords.json").is_file()
     dm.setup("fit")
     assert [len(loader.dataset) for loader in dm.val_dataloader()] == [8, 8]
     batch = to_model(dm, next(iter(dm.train_dataloader())))
