@@ -193,9 +193,16 @@ def _transfer(
         length = response.headers.get("Content-Length")
         total = offset + int(length) if length is not None else None
         bar = tqdm(
-            total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
-            desc=part.stem, disable=not progress, file=sys.stderr, mininterval=0.5,
-        )  # fmt: skip
+            total=total,
+            initial=offset,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc=part.stem,
+            disable=not progress,
+            file=sys.stderr,
+            mininterval=0.5,
+        )
         with bar, open(part, "ab" if offset else "wb") as f:
             while True:
                 try:  # read1: every byte that arrived is kept when the connection drops

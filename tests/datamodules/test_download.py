@@ -213,9 +213,9 @@ def test_changed_remote_file_fails_the_checksum_and_restarts(tmp_path: Path) -> 
     old = PAYLOAD[::-1]  # same size, other content
     sha256 = hashlib.sha256(PAYLOAD).hexdigest()
     with serve(FileServer({NAME: old}, drop_after=80_000)) as server:
+        url = server.base_url + NAME
         with pytest.raises(DownloadError, match="interrupted"):
-            fetch(server.base_url + NAME, tmp_path / NAME, sha256=sha256, retries=0,
-                  progress=False)  # fmt: skip
+            fetch(url, tmp_path / NAME, sha256=sha256, retries=0, progress=False)
     with serve(FileServer({NAME: PAYLOAD})) as server:
         with pytest.raises(DownloadError, match=rf"SHA-256 mismatch \(expected {sha256}"):
             fetch(server.base_url + NAME, tmp_path / NAME, sha256=sha256, progress=False)
