@@ -1,6 +1,7 @@
 """Convert DeepMind multi-object TFRecords to one HDF5 file per dataset (no TensorFlow).
 
-HDF5 layout, at the file root (N converted records, E entities, H×W after the protocol):
+The file has the dataset layout of ``hdf5`` (written with ``hdf5.HDF5Writer``), filled as
+follows (N converted records, E entities, H×W after the protocol):
 
 - ``image``         (N, H, W, 3) uint8 (binarized Multi-dSprites: the grey channel repeated)
 - ``mask``          (N, H, W) uint8 label map: 0 = background (entity 0), k = entity k
@@ -32,13 +33,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from dti_sprites.datamodules.atomic import atomic_output
+from dti_sprites.datamodules.hdf5 import HDF5Writer
 from dti_sprites.datamodules.schemas import (
     Schema,
     decode_example,
@@ -63,7 +63,6 @@ CONVERTER_VERSION = "1.0"
 DATASETS = ("tetrominoes", "multi_dsprites", "clevr6", "clevr10", "objects_room")
 
 _BATCH_BYTES = 32 << 20  # decoded bytes held per batch
-_CHUNK_BYTES = 64 << 10  # target HDF5 chunk size
 
 
 @dataclass(frozen=True)
@@ -285,10 +284,8 @@ def _process(
     return rows
 
 
-def _output_shapes(
-    schema: Schema, protocol: Protocol
-) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """Per-row shape and dtype of every HDF5 dataset."""
+def _no_rows(schema: Schema, protocol: Protocol) -> dict[str, np.ndarray]:
+    """Zero rows of every HDF5 dataset (their row shapes and dtypes)."""
     h, w = schema.image_size
     if protocol.crop is not None:
         h, w = protocol.crop[1] - protocol.crop[0], protocol.crop[3] - protocol.crop[2]
@@ -304,32 +301,7 @@ def _output_shapes(
         if name != "visibility":
             spec = schema.feature(name)
             shapes[name] = (spec.shape, spec.dtype)
-    return shapes
-
-
-class _H5Rows:
-    """Resizable HDF5 datasets at the file root, appended to batch by batch."""
-
-    def __init__(self, h5: h5py.File, shapes: dict[str, tuple[tuple[int, ...], np.dtype]]) -> None:
-        self.datasets = {}
-        for name, (shape, dtype) in shapes.items():
-            row_bytes = max(int(np.prod(shape)) * dtype.itemsize, 1)
-            chunk_rows = int(np.clip(_CHUNK_BYTES // row_bytes, 1, 4096))
-            self.datasets[name] = h5.create_dataset(
-                name, shape=(0, *shape), maxshape=(None, *shape), dtype=dtype,
-                chunks=(chunk_rows, *shape),
-            )  # fmt: skip
-        self.size = 0
-        self.max_class = 0  # largest class id written to ``semantic``
-
-    def append(self, rows: dict[str, np.ndarray]) -> None:
-        n = len(rows["source_index"])
-        if "semantic" in rows and n:
-            self.max_class = max(self.max_class, int(rows["semantic"].max()))
-        for name, dataset in self.datasets.items():
-            dataset.resize(self.size + n, axis=0)
-            dataset[self.size : self.size + n] = rows[name]
-        self.size += n
+    return {name: np.empty((0, *shape), dtype) for name, (shape, dtype) in shapes.items()}
 
 
 def convert(
@@ -374,10 +346,9 @@ def convert(
         raise ValueError(f"{out}: the output would overwrite the source")
     first_n = limit if limit is not None else protocol.first_n
     start = time.perf_counter()
-    with atomic_output(out) as temporary:
-        with h5py.File(temporary, "w") as h5:
-            counts, sha256 = _convert_into(h5, schema, protocol, src, first_n, progress)
-            h5.attrs.update(_provenance(dataset, schema, protocol, src, first_n, sha256, counts))
+    with HDF5Writer(out) as writer:
+        counts, sha256 = _convert_into(writer, schema, protocol, src, first_n, progress)
+        writer.attrs.update(_provenance(dataset, schema, protocol, src, first_n, sha256, counts))
     read, kept, written, _ = counts
     summary = ConversionSummary(
         dataset, schema.variant, src, out, read, kept, read - kept, written,
@@ -394,16 +365,17 @@ def convert(
 
 
 def _convert_into(
-    h5: h5py.File,
+    writer: HDF5Writer,
     schema: Schema,
     protocol: Protocol,
     src: Path,
     first_n: int | None,
     progress: bool,
 ) -> tuple[tuple[int, int, int, int], str]:
-    """Stream ``src`` into ``h5``; ((read, kept, written, max class id), source sha256)."""
-    rows = _H5Rows(h5, _output_shapes(schema, protocol))
+    """Stream ``src`` into ``writer``; ((read, kept, written, max class id), source sha256)."""
+    writer.append(_no_rows(schema, protocol))  # every dataset exists, even if none is kept
     batch = _Batch(schema)
+    max_class = 0  # largest class id written to ``semantic``
     by_records = first_n is not None
     bar = tqdm(
         total=first_n if by_records else src.stat().st_size, unit="rec" if by_records else "B",
@@ -425,13 +397,20 @@ def _convert_into(
             kept += 1
             batch.add(index, record)
             if batch.size == batch.capacity:
-                rows.append(_process(schema, protocol, *batch.take()))
+                max_class = max(max_class, _flush(writer, schema, protocol, batch))
         if batch.size:
-            rows.append(_process(schema, protocol, *batch.take()))
+            max_class = max(max_class, _flush(writer, schema, protocol, batch))
     finally:
         examples.close()
         bar.close()
-    return (read, kept, rows.size, rows.max_class), digest.finish(src)
+    return (read, kept, writer.count, max_class), digest.finish(src)
+
+
+def _flush(writer: HDF5Writer, schema: Schema, protocol: Protocol, batch: _Batch) -> int:
+    """Process and append the batch (emptying it); the largest class id written."""
+    rows = _process(schema, protocol, *batch.take())
+    writer.append(rows)
+    return int(rows["semantic"].max(initial=0)) if "semantic" in rows else 0
 
 
 def _provenance(

@@ -28,29 +28,24 @@ drops the ``heldout`` protocol. Validation and test dataloaders are ``[paper320,
 
 from __future__ import annotations
 
-import os
 import tempfile
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
-import h5py
-import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from dti_sprites.datamodules.base import DTIDataModule
 from dti_sprites.datamodules.download import DEFAULT_BASE_URL
+from dti_sprites.datamodules.hdf5 import MultiObjectHDF5Dataset, check_file, read_attr
 
 __all__ = [
     "CLEVR6DataModule",
-    "HDF5FormatError",
     "MultiDSpritesDataModule",
     "MultiObjectDataModule",
-    "MultiObjectHDF5Dataset",
     "ObjectsRoomDataModule",
     "Splits",
     "TetrominoesDataModule",
@@ -65,10 +60,6 @@ CLEVR6_SEMANTIC_CLASSES = 7
 """CLEVR6 classes when the file has no ``num_semantic_classes`` attribute: background + shape ×
 material (cube, sphere, cylinder × rubber, metal), as the converter writes ``semantic``
 (``schemas.entity_classes``); 7 is also the authors' count."""
-
-
-class HDF5FormatError(ValueError):
-    """An HDF5 file that is not what the DataModule expects; the message names file and key."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -102,195 +93,6 @@ def plan_splits(n_records: int, train_size: int, paper_eval_size: int, heldout_s
         heldout = range(n_records - n_heldout, n_records)
     paper = range(min(paper_eval_size, len(train)))
     return Splits(train, paper, heldout, shrunk=len(train) < train_size)
-
-
-# --------------------------------------------------------------------------------------------
-# Dataset
-# --------------------------------------------------------------------------------------------
-
-
-class MultiObjectHDF5Dataset(Dataset[Sample]):
-    """Records ``[start, stop)`` of an HDF5 file, as uint8 tensors.
-
-    A sample: ``image`` (C, H, W) uint8 (C = 3, or 1 for binarized Multi-dSprites), ``mask`` and
-    ``semantic`` (H, W) uint8 when listed in ``keys``, ``index`` () int64 = position in the split.
-
-    Lazy mode opens the file on first access in the process that reads (each DataLoader worker
-    opens its own handle; a handle is never pickled and is reopened after a fork).
-    ``in_memory=True`` reads the whole range as numpy uint8 arrays at construction.
-
-    Args:
-        path: the HDF5 file.
-        start, stop: record range.
-        keys: HDF5 datasets to read besides ``image`` (``mask``, ``semantic``).
-        in_memory: load the range now instead of reading on access.
-    """
-
-    def __init__(
-        self,
-        path: str | Path,
-        start: int,
-        stop: int,
-        keys: Sequence[str] = ("mask", "semantic"),
-        in_memory: bool = False,
-    ) -> None:
-        self.path = Path(path)
-        self.start, self.stop = start, stop
-        self.keys = ("image", *keys)
-        self.arrays: dict[str, np.ndarray] | None = None
-        self._file: h5py.File | None = None
-        self._handles: dict[str, h5py.Dataset] = {}
-        self._pid = -1
-        if in_memory:
-            with h5py.File(self.path, "r") as f:
-                self.arrays = {k: f[k][start:stop] for k in self.keys}
-
-    def view(self, start: int, stop: int) -> MultiObjectHDF5Dataset:
-        """Records ``[start, stop)`` of the file sharing this dataset's arrays (no copy)."""
-        if not self.start <= start <= stop <= self.stop:
-            raise ValueError(f"[{start}, {stop}) is not inside [{self.start}, {self.stop})")
-        view = MultiObjectHDF5Dataset(self.path, start, stop, self.keys[1:])
-        if self.arrays is not None:
-            lo, hi = start - self.start, stop - self.start
-            view.arrays = {k: a[lo:hi] for k, a in self.arrays.items()}
-        return view
-
-    def __len__(self) -> int:
-        return self.stop - self.start
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_file"], state["_handles"], state["_pid"] = None, {}, -1  # never pickled
-        return state
-
-    def close(self) -> None:
-        """Close this process's file handle (reopened on the next access)."""
-        if self._file is not None and self._pid == os.getpid():
-            self._file.close()
-        self._file, self._handles, self._pid = None, {}, -1
-
-    def _rows(self, positions: np.ndarray) -> dict[str, np.ndarray]:
-        """Records at split positions (sorted, unique) for every key: key -> (n, …) uint8."""
-        if self.arrays is not None:
-            return {k: a[positions] for k, a in self.arrays.items()}
-        if self._file is None or self._pid != os.getpid():
-            self._file = h5py.File(self.path, "r")
-            self._handles = {k: self._file[k] for k in self.keys}  # a lookup costs ~50 µs
-            self._pid = os.getpid()
-        rows = (positions + self.start).tolist()
-        lo, hi = rows[0], rows[-1] + 1
-        if hi - lo <= 2 * len(rows):  # dense (e.g. evaluation order): one contiguous read
-            sel = np.asarray(rows) - lo
-            return {k: h[lo:hi][sel] for k, h in self._handles.items()}
-        # One slice per row: ~15x faster than h5py's fancy indexing (a point selection).
-        return {k: np.concatenate([h[r : r + 1] for r in rows]) for k, h in self._handles.items()}
-
-    def __getitems__(self, indices: Sequence[int]) -> list[Sample]:
-        """A whole batch, rows read in file order (what the DataLoader calls when batching)."""
-        idx = np.asarray(indices, dtype=np.int64)
-        if len(idx) == 0:
-            return []
-        if idx.min() < 0 or idx.max() >= len(self):
-            raise IndexError(f"index out of range for a split of {len(self)} records")
-        unique, inverse = np.unique(idx, return_inverse=True)
-        rows = self._rows(unique)
-        samples = []
-        for j, i in zip(inverse.tolist(), idx.tolist(), strict=True):
-            sample = {k: torch.from_numpy(np.ascontiguousarray(rows[k][j])) for k in self.keys}
-            sample["image"] = sample["image"].permute(2, 0, 1)  # (C, H, W)
-            sample["index"] = torch.tensor(i, dtype=torch.int64)
-            samples.append(sample)
-        return samples
-
-    def __getitem__(self, i: int) -> Sample:
-        if i < 0:
-            i += len(self)
-        return self.__getitems__([i])[0]
-
-
-# --------------------------------------------------------------------------------------------
-# Validation
-# --------------------------------------------------------------------------------------------
-
-
-def _attr(f: h5py.File, name: str) -> Any:
-    value = f.attrs.get(name)
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def validate_file(
-    path: Path,
-    dataset: str,
-    variant: str | None,
-    image_size: tuple[int, int],
-    channels: tuple[int, ...],
-    keys: Sequence[str],
-    num_semantic_classes: int,
-) -> int:
-    """Check that ``path`` holds ``dataset`` in the expected layout; return its record count.
-
-    Raises:
-        HDF5FormatError: unreadable file, attribute ``dataset`` / ``variant`` of another
-            dataset, a missing key, a wrong shape (image size) or dtype, keys of different
-            lengths, no records, or semantic labels ≥ ``num_semantic_classes`` in the first
-            320 records.
-    """
-    h, w = image_size
-    try:
-        f = h5py.File(path, "r")
-    except OSError as err:
-        raise HDF5FormatError(f"{path}: not a readable HDF5 file ({err})") from err
-    with f:
-        found = _attr(f, "dataset")
-        if found is not None and found != dataset:
-            raise HDF5FormatError(
-                f"{path}: attribute 'dataset' is {found!r}, expected {dataset!r} "
-                "(this file holds another dataset)"
-            )
-        found_variant = _attr(f, "variant")
-        if variant is not None and found_variant not in (None, "", variant):
-            raise HDF5FormatError(
-                f"{path}: attribute 'variant' is {found_variant!r}, expected {variant!r}"
-            )
-        expected = {"image": f"(N, {h}, {w}, {' or '.join(map(str, channels))}) uint8 images"}
-        expected |= {"mask": f"(N, {h}, {w}) uint8 instance label map"}
-        expected |= {"semantic": f"(N, {h}, {w}) uint8 semantic label map"}
-        n_records: int | None = None
-        for key in ("image", *keys):
-            if key not in f or not isinstance(f[key], h5py.Dataset):
-                raise HDF5FormatError(
-                    f"{path}: missing dataset {key!r}, expected {expected[key]} "
-                    f"(keys present: {', '.join(sorted(f.keys())) or 'none'})"
-                )
-            ds = f[key]
-            if key == "image":
-                shape_ok = ds.ndim == 4 and ds.shape[1:3] == (h, w) and ds.shape[3] in channels
-            else:
-                shape_ok = ds.ndim == 3 and ds.shape[1:] == (h, w)
-            if not shape_ok:
-                raise HDF5FormatError(
-                    f"{path}: {key!r} has shape {ds.shape}, expected {expected[key]} for "
-                    f"{dataset} (a file of another dataset or image size?)"
-                )
-            if ds.dtype != np.uint8:
-                raise HDF5FormatError(f"{path}: {key!r} has dtype {ds.dtype}, expected uint8")
-            if n_records is None:
-                n_records = ds.shape[0]
-            elif ds.shape[0] != n_records:
-                raise HDF5FormatError(
-                    f"{path}: {key!r} holds {ds.shape[0]} records but 'image' holds {n_records}"
-                )
-        assert n_records is not None
-        if n_records == 0:
-            raise HDF5FormatError(f"{path}: 'image' holds no records")
-        if "semantic" in keys:
-            top = int(f["semantic"][: min(n_records, 320)].max())
-            if top >= num_semantic_classes:
-                raise HDF5FormatError(
-                    f"{path}: 'semantic' holds label {top} in its first records, expected "
-                    f"labels < {num_semantic_classes} (num_semantic_classes of {dataset})"
-                )
-    return n_records
 
 
 # --------------------------------------------------------------------------------------------
@@ -424,10 +226,10 @@ class MultiObjectDataModule(DTIDataModule):
             if not self.path.is_file():
                 raise FileNotFoundError(f"{self.path} not found. {self._create_hint()}")
             self._check_semantic_attr()
-            n = validate_file(
-                self.path, self.dataset_name, self.variant, self.image_size,
-                self.image_channels, self._keys(), self.num_semantic_classes,
-            )  # fmt: skip
+            n = check_file(
+                self.path, self._keys(), (), self.image_size, self.image_channels,
+                self.dataset_name, self.variant, self.num_semantic_classes,
+            )["image"][0]  # fmt: skip
             self.splits = plan_splits(n, self.train_size, self.paper_eval_size, self.heldout_size)
             if len(self.splits.heldout) == 0:
                 self.eval_protocols = ("paper320",)
@@ -635,11 +437,7 @@ class CLEVR6DataModule(MultiObjectDataModule):
 
 def _file_classes(path: Path) -> int:
     """CLEVR's semantic class count: the file's attribute if readable, else the default."""
-    try:
-        with h5py.File(path, "r") as f:
-            value = f.attrs.get("num_semantic_classes")
-    except OSError:
-        return CLEVR6_SEMANTIC_CLASSES
+    value = read_attr(path, "num_semantic_classes")
     return CLEVR6_SEMANTIC_CLASSES if value is None else int(value)
 
 

@@ -16,12 +16,11 @@ import pytest
 import torch
 from torch import nn
 
+from dti_sprites.datamodules.hdf5 import HDF5FormatError, MultiObjectHDF5Dataset
 from dti_sprites.datamodules.multi_object import (
     CLEVR6DataModule,
-    HDF5FormatError,
     MultiDSpritesDataModule,
     MultiObjectDataModule,
-    MultiObjectHDF5Dataset,
     ObjectsRoomDataModule,
     TetrominoesDataModule,
     plan_splits,

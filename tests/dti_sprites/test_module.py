@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dti_sprites.callbacks import PredictionWriter
-from dti_sprites.callbacks.predictions import PredictionFile
+from dti_sprites.datamodules.hdf5 import HDF5Writer
 from dti_sprites.model import DTISprites
 from dti_sprites.module import DTISpritesModule
 
@@ -123,7 +123,7 @@ def test_predict_writes_predictions_h5(tmp_path, squares):
         assert f["layers"].shape == (6, 2, 20, 20, 4) and f["layers"].dtype == "uint8"
         assert f["sprite_choice"].shape == (6, 2) and f["sprite_choice"].dtype == "int16"
         assert f["index"][()].tolist() == list(range(6))
-    assert not (tmp_path / "predictions.h5.tmp").exists()
+    assert not (tmp_path / "predictions.h5.partial").exists()
 
 
 def test_model_rebuilds_from_a_training_checkpoint(tmp_path, squares):
@@ -145,7 +145,7 @@ def test_a_failed_prediction_write_keeps_the_previous_file(tmp_path, squares, mo
         module, data, return_predictions=False
     )
     good = (tmp_path / "predictions.h5").read_bytes()
-    original, calls = PredictionFile.append, []
+    original, calls = HDF5Writer.append, []
 
     def disk_full_on_second_batch(self, arrays):
         calls.append(1)
@@ -153,10 +153,10 @@ def test_a_failed_prediction_write_keeps_the_previous_file(tmp_path, squares, mo
             raise OSError(errno.ENOSPC, "No space left on device")
         original(self, arrays)
 
-    monkeypatch.setattr(PredictionFile, "append", disk_full_on_second_batch)
+    monkeypatch.setattr(HDF5Writer, "append", disk_full_on_second_batch)
     with pytest.raises(OSError, match="No space left"):
         trainer(tmp_path, callbacks=[PredictionWriter()]).predict(
             module, data, return_predictions=False
         )
     assert (tmp_path / "predictions.h5").read_bytes() == good  # the earlier file is intact
-    assert not (tmp_path / "predictions.h5.tmp").exists()  # and no half file is left
+    assert not (tmp_path / "predictions.h5.partial").exists()  # and no half file is left
