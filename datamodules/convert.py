@@ -7,7 +7,7 @@ follows (N converted records, E entities, H×W after the protocol):
 - ``mask``          (N, H, W) uint8 label map: 0 = background (entity 0), k = entity k
 - ``semantic``      (N, H, W) uint8 class map, 0 = background: Tetrominoes the shape id 1..19,
                     Multi-dSprites the shape 1..3 (square, ellipse, heart), CLEVR shape ×
-                    material 1..6 (see ``schemas.entity_classes``); absent for Objects Room
+                    material 1..6 (see ``decode.entity_classes``); absent for Objects Room
 - ``visibility``    (N, E) float32 as stored (Objects Room: derived, 1 where the mask is non-empty)
 - ``source_index``  (N,) int64 record index in the source file
 - every other feature under its source name, (N, *stored shape), stored dtype
@@ -38,82 +38,16 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from dti_sprites.datamodules.catalog import DatasetInfo, Protocol, Schema, dataset_info
+from dti_sprites.datamodules.decode import decode_example, entity_classes, entity_first_masks
 from dti_sprites.datamodules.hdf5 import HDF5Writer
-from dti_sprites.datamodules.schemas import (
-    Schema,
-    decode_example,
-    entity_classes,
-    entity_first_masks,
-    get_schema,
-    resolve_variant,
-)
 from dti_sprites.datamodules.tf_example import iter_examples
 
-__all__ = [
-    "CONVERTER_VERSION",
-    "DATASETS",
-    "PROTOCOLS",
-    "ConversionSummary",
-    "Protocol",
-    "convert",
-    "h5_name",
-]
+__all__ = ["CONVERTER_VERSION", "ConversionSummary", "convert"]
 
 CONVERTER_VERSION = "1.0"
-DATASETS = ("tetrominoes", "multi_dsprites", "clevr6", "clevr10", "objects_room")
 
 _BATCH_BYTES = 32 << 20  # decoded bytes held per batch
-
-
-@dataclass(frozen=True)
-class Protocol:
-    """What a conversion does beyond decoding.
-
-    Attributes:
-        first_n: read only the first ``first_n`` records (``None``: all).
-        max_objects: keep records with ``visibility[1:].sum() <= max_objects`` (``None``: all).
-        crop: (top, bottom, left, right) rows ``top:bottom`` and columns ``left:right``.
-        resize: (H, W) after the crop.
-    """
-
-    first_n: int | None = None
-    max_objects: int | None = None
-    crop: tuple[int, int, int, int] | None = None
-    resize: tuple[int, int] | None = None
-
-    def describe(self, first_n: int | None) -> str:
-        """One line, e.g. ``first 70000 records; keep visibility[1:].sum() <= 6; ...``."""
-        parts = [f"first {first_n} records" if first_n is not None else "all records"]
-        if self.max_objects is not None:
-            parts.append(f"keep visibility[1:].sum() <= {self.max_objects}")
-        if self.crop is not None:
-            top, bottom, left, right = self.crop
-            parts.append(f"crop rows {top}:{bottom} cols {left}:{right}")
-        if self.resize is not None:
-            parts.append(
-                f"resize {self.resize[0]}x{self.resize[1]} (image bilinear align_corners=False "
-                "antialias=False rounded; mask/semantic nearest)"
-            )
-        return "; ".join(parts)
-
-
-_CLEVR_CROP = (29, 221, 64, 256)
-PROTOCOLS: dict[str, Protocol] = {
-    "tetrominoes": Protocol(),
-    "multi_dsprites": Protocol(),
-    "clevr6": Protocol(70_000, 6, _CLEVR_CROP, (128, 128)),
-    "clevr10": Protocol(70_000, None, _CLEVR_CROP, (128, 128)),
-    "objects_room": Protocol(),
-}
-
-_NUM_CLASSES = {"tetrominoes": 20, "multi_dsprites": 4, "clevr_with_masks": 7, "objects_room": 0}
-_SEMANTIC = {
-    "tetrominoes": "shape id 1..19 of the piece (0 = background)",
-    "multi_dsprites": "shape 1 square, 2 ellipse, 3 heart (0 = background)",
-    "clevr_with_masks": "1 + 2*(shape - 1) + (material - 1): shape x material, 1..6 "
-    "(0 = background)",
-    "objects_room": "absent: Objects Room has no object classes",
-}
 
 
 @dataclass(frozen=True)
@@ -140,26 +74,6 @@ class ConversionSummary:
             f"wrote {self.written} to {self.out} in {self.seconds:.1f} s ({rate:.0f} records/s); "
             f"protocol: {self.protocol}"
         )
-
-
-def h5_name(dataset: str, variant: str | None) -> str:
-    """File name of a converted dataset: ``<dataset>[_<variant>].h5``.
-
-    Multi-dSprites always carries its variant (``None`` = ``colored_on_grayscale``); Objects Room
-    carries it except for ``train``; the others have none, e.g. ``tetrominoes.h5``,
-    ``multi_dsprites_colored_on_grayscale.h5``, ``clevr6.h5``, ``objects_room.h5``,
-    ``objects_room_six_objects.h5``.
-    """
-    _check_dataset(dataset)
-    source, variant = resolve_variant(dataset, variant)
-    if variant is None or (source == "objects_room" and variant == "train"):
-        return f"{dataset}.h5"
-    return f"{dataset}_{variant}.h5"
-
-
-def _check_dataset(dataset: str) -> None:
-    if dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
 
 
 class _FileDigest:
@@ -284,13 +198,9 @@ def _process(
     return rows
 
 
-def _no_rows(schema: Schema, protocol: Protocol) -> dict[str, np.ndarray]:
+def _no_rows(info: DatasetInfo, schema: Schema) -> dict[str, np.ndarray]:
     """Zero rows of every HDF5 dataset (their row shapes and dtypes)."""
-    h, w = schema.image_size
-    if protocol.crop is not None:
-        h, w = protocol.crop[1] - protocol.crop[0], protocol.crop[3] - protocol.crop[2]
-    if protocol.resize is not None:
-        h, w = protocol.resize
+    h, w = info.image_size
     u8 = np.dtype(np.uint8)
     shapes = {"image": ((h, w, 3), u8), "mask": ((h, w), u8)}
     if schema.class_feature is not None:
@@ -334,9 +244,9 @@ def convert(
         ValueError: unknown dataset or variant, negative limit, ``out`` equal to ``src``.
         FileNotFoundError: ``src`` does not exist.
     """
-    _check_dataset(dataset)
-    schema = get_schema(dataset, variant)
-    protocol = PROTOCOLS[dataset]
+    info = dataset_info(dataset)
+    schema = info.schema(variant)
+    protocol = info.protocol
     src, out = Path(src), Path(out)
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, not {limit}")
@@ -347,8 +257,8 @@ def convert(
     first_n = limit if limit is not None else protocol.first_n
     start = time.perf_counter()
     with HDF5Writer(out) as writer:
-        counts, sha256 = _convert_into(writer, schema, protocol, src, first_n, progress)
-        writer.attrs.update(_provenance(dataset, schema, protocol, src, first_n, sha256, counts))
+        counts, sha256 = _convert_into(writer, info, schema, src, first_n, progress)
+        writer.attrs.update(_provenance(info, schema, src, first_n, sha256, counts))
     read, kept, written, _ = counts
     summary = ConversionSummary(
         dataset, schema.variant, src, out, read, kept, read - kept, written,
@@ -366,14 +276,15 @@ def convert(
 
 def _convert_into(
     writer: HDF5Writer,
+    info: DatasetInfo,
     schema: Schema,
-    protocol: Protocol,
     src: Path,
     first_n: int | None,
     progress: bool,
 ) -> tuple[tuple[int, int, int, int], str]:
     """Stream ``src`` into ``writer``; ((read, kept, written, max class id), source sha256)."""
-    writer.append(_no_rows(schema, protocol))  # every dataset exists, even if none is kept
+    protocol = info.protocol
+    writer.append(_no_rows(info, schema))  # every dataset exists, even if none is kept
     batch = _Batch(schema)
     max_class = 0  # largest class id written to ``semantic``
     by_records = first_n is not None
@@ -414,9 +325,8 @@ def _flush(writer: HDF5Writer, schema: Schema, protocol: Protocol, batch: _Batch
 
 
 def _provenance(
-    dataset: str,
+    info: DatasetInfo,
     schema: Schema,
-    protocol: Protocol,
     src: Path,
     first_n: int | None,
     sha256: str,
@@ -424,12 +334,13 @@ def _provenance(
 ) -> dict[str, object]:
     """File attributes: what was converted, from which file, how."""
     read, kept, _, max_class = counts
-    classes = _NUM_CLASSES[schema.dataset]
+    protocol = info.protocol
+    classes = info.num_semantic_classes
     if schema.class_feature is not None:
         classes = max(classes, max_class + 1)  # codes beyond the expected range widen it
     stored = "visibility" in schema.factor_names
     return {
-        "dataset": dataset,
+        "dataset": info.name,
         "variant": schema.variant or "",
         "source_dataset": schema.dataset,
         "source_file": src.name,
@@ -447,7 +358,7 @@ def _provenance(
         "records_kept": kept,
         "records_filtered": read - kept,
         "mask": "label map: 0 = background (entity 0), k = entity k",
-        "semantic": _SEMANTIC[schema.dataset],
+        "semantic": info.semantic,
         "num_semantic_classes": classes,  # background included
         "visibility": "as stored" if stored else "derived: 1 where the entity's mask is non-empty",
         "converter": "dti_sprites.datamodules.convert",

@@ -24,7 +24,6 @@ import hashlib
 import sys
 import time
 from pathlib import Path
-from typing import Literal
 
 import requests
 import urllib3
@@ -32,13 +31,9 @@ from filelock import FileLock
 from tqdm import tqdm
 
 from dti_sprites.datamodules.atomic import commit
-from dti_sprites.datamodules.schemas import get_schema
+from dti_sprites.datamodules.catalog import BASE_URL, dataset_info
 
-__all__ = ["DEFAULT_BASE_URL", "DownloadError", "download", "fetch", "remote_path"]
-
-DatasetName = Literal["tetrominoes", "multi_dsprites", "clevr6", "clevr10", "objects_room"]
-
-DEFAULT_BASE_URL = "https://storage.googleapis.com/multi-object-datasets/"
+__all__ = ["DownloadError", "download", "fetch"]
 
 _CHUNK = 1 << 20  # bytes written per step while streaming, and hashed per step
 _RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
@@ -53,52 +48,49 @@ class _Interrupted(Exception):
     """The transfer stopped before the last byte (retryable)."""
 
 
-def remote_path(dataset: DatasetName, variant: str | None = None) -> str:
-    """Path of ``dataset``'s public TFRecord file below the base URL (SPEC §8).
-
-    CLEVR6 and CLEVR10 are two filters of ``clevr_with_masks_train``; ``variant=None`` is the
-    default variant (Multi-dSprites ``colored_on_grayscale``, Objects Room ``train``).
-
-    Raises:
-        ValueError: unknown dataset or variant.
-    """
-    return get_schema(dataset, variant).source
-
-
 def download(
-    dataset: DatasetName,
+    dataset: str,
     root: str | Path,
     variant: str | None = None,
-    base_url: str = DEFAULT_BASE_URL,
+    base_url: str = BASE_URL,
     convert_after: bool = True,
     progress: bool = True,
 ) -> Path:
     """Fetch ``dataset``'s public TFRecord into ``root`` and convert it to HDF5.
 
     Args:
-        dataset: which DeepMind multi-object dataset.
+        dataset: a name of ``catalog.DATASETS`` (CLEVR6 and CLEVR10 read the same file).
         root: folder for the TFRecord (kept after conversion) and the HDF5 file.
         variant: Multi-dSprites variant (default ``colored_on_grayscale``) or Objects Room
             variant (default ``train``); None for the others.
         base_url: where the files live (a mirror, or a local server in tests).
-        convert_after: convert to ``<root>/<h5_name(dataset, variant)>``. An HDF5 file that
-            already exists is kept as it is (the converter writes atomically, so an existing
-            file is complete); delete it to convert again.
+        convert_after: convert to ``<root>/<h5 name>`` (``DatasetInfo.h5_name``). An HDF5 file
+            that already exists is kept as it is (the converter writes atomically, so an
+            existing file is complete); delete it to convert again.
         progress: show progress bars on stderr.
 
     Returns:
         The HDF5 path when ``convert_after``, else the TFRecord path.
+
+    Raises:
+        ValueError: unknown dataset or variant.
+        DownloadError: see ``fetch``.
     """
-    rel = remote_path(dataset, variant)
+    info = dataset_info(dataset)
+    schema = info.schema(variant)
     root = Path(root)
-    url = base_url.rstrip("/") + "/" + rel
-    tfrecord = fetch(url, root / Path(rel).name, progress=progress)
+    tfrecord = fetch(
+        schema.url(base_url),
+        root / Path(schema.source).name,
+        sha256=schema.sha256,
+        progress=progress,
+    )
     if not convert_after:
         return tfrecord
 
-    from dti_sprites.datamodules.convert import convert, h5_name
+    from dti_sprites.datamodules.convert import convert
 
-    out = root / h5_name(dataset, variant)
+    out = root / info.h5_name(variant)
     if out.exists():
         _say(progress, f"{out} exists; not converting again")
         return out

@@ -31,7 +31,7 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
@@ -39,7 +39,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from dti_sprites.datamodules.base import DTIDataModule
-from dti_sprites.datamodules.download import DEFAULT_BASE_URL
+from dti_sprites.datamodules.catalog import BASE_URL, dataset_info
 from dti_sprites.datamodules.hdf5 import MultiObjectHDF5Dataset, check_file, read_attr
 
 __all__ = [
@@ -55,11 +55,6 @@ __all__ = [
 PredictSplit = Literal["paper320", "heldout", "train"]
 MultiDSpritesVariant = Literal["colored_on_grayscale", "colored_on_colored", "binarized"]
 Sample = dict[str, Tensor]
-
-CLEVR6_SEMANTIC_CLASSES = 7
-"""CLEVR6 classes when the file has no ``num_semantic_classes`` attribute: background + shape ×
-material (cube, sphere, cylinder × rubber, metal), as the converter writes ``semantic``
-(``schemas.entity_classes``); 7 is also the authors' count."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -101,48 +96,57 @@ def plan_splits(n_records: int, train_size: int, paper_eval_size: int, heldout_s
 
 
 class MultiObjectDataModule(DTIDataModule):
-    """Shared logic of the multi-object DataModules (subclasses fix the dataset).
+    """Shared logic of the multi-object DataModules; a subclass names its dataset.
+
+    Everything about the dataset (image size, semantic classes, paper training split, file name,
+    source file) comes from its record in ``catalog.DATASETS``; the number of semantic classes
+    from the file's ``num_semantic_classes`` attribute when the file has one (the converter
+    writes it), checked again at ``setup`` for a file created after construction.
 
     Args:
-        path: the HDF5 file.
+        path: the HDF5 file (default: ``data/<name>.h5``, e.g. ``data/tetrominoes.h5``,
+            ``data/multi_dsprites_<variant>.h5``, ``data/clevr6.h5``).
         batch_size: per process (under DDP the global batch is ``batch_size × world size``).
         num_workers: DataLoader worker processes (persistent when > 0).
-        train_size: records ``[0, train_size)`` are the training split.
+        train_size: records ``[0, train_size)`` are the training split (default: the
+            paper's, 60,000; CLEVR6 34,963).
         paper_eval_size: records ``[0, paper_eval_size)`` are the ``paper320`` protocol.
         heldout_size: up to this many records after the training range are ``heldout``.
         in_memory: read each split into uint8 numpy arrays at ``setup``.
-        download: in ``prepare_data``, when ``path`` is missing, fetch the public TFRecord next
-            to it and convert it (``download_base_url`` + SPEC §8 path).
-        generate: in ``prepare_data``, when ``path`` is missing and this is > 0, write that many
-            synthetic records (``synth.write_synthetic``) and convert them (CLEVR6 keeps the
-            scenes that pass its filter, so fewer). Exclusive with ``download``.
+        download: in ``prepare_data``, when ``path`` is missing, fetch the public TFRecord
+            next to it and convert it (``download_base_url`` + SPEC §8 path).
+        generate: in ``prepare_data``, when ``path`` is missing and this is > 0, write that
+            many synthetic records (``synth.write_synthetic``) and convert them (CLEVR6
+            keeps the scenes that pass its filter, so fewer). Exclusive with ``download``.
         seed: seed of the synthetic data.
         predict_split: what ``predict_dataloader`` iterates.
         download_base_url: where ``download`` fetches from (a mirror).
     """
 
-    dataset_name: ClassVar[str]  # attribute ``dataset`` of the file; name for convert / synth
-    has_semantic: ClassVar[bool] = True
+    dataset_name: ClassVar[str]  # key of ``catalog.DATASETS``, attribute ``dataset`` of the file
+    variant: str | None = None  # the default variant; MultiDSpritesDataModule sets it
 
     def __init__(
         self,
-        path: str,
-        batch_size: int,
-        num_workers: int,
-        train_size: int,
-        paper_eval_size: int,
-        heldout_size: int,
-        in_memory: bool,
-        download: bool,
-        generate: int,
-        seed: int,
-        predict_split: PredictSplit,
-        download_base_url: str,
-        image_size: tuple[int, int],
-        num_semantic_classes: int,
-        variant: str | None = None,
+        path: str | None = None,
+        batch_size: int = 32,
+        num_workers: int = 2,
+        train_size: int | None = None,
+        paper_eval_size: int = 320,
+        heldout_size: int = 2000,
+        in_memory: bool = False,
+        download: bool = False,
+        generate: int = 0,
+        seed: int = 0,
+        predict_split: PredictSplit = "paper320",
+        download_base_url: str = BASE_URL,
     ) -> None:
         super().__init__()
+        info = dataset_info(self.dataset_name)
+        schema = info.schema(self.variant)  # checks the variant
+        train_size = info.train_size if train_size is None else train_size
+        if train_size is None:
+            raise ValueError(f"{info.name} has no paper training split: pass train_size")
         if download and generate > 0:
             raise ValueError("download=True and generate > 0 both create the file: choose one")
         if predict_split not in ("paper320", "heldout", "train"):
@@ -155,7 +159,7 @@ class MultiObjectDataModule(DTIDataModule):
                 f"{num_workers}, {generate})"
             )
         plan_splits(train_size, train_size, paper_eval_size, heldout_size)  # checks the sizes
-        self.path = Path(path)
+        self.path = Path("data") / info.h5_name(self.variant) if path is None else Path(path)
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.train_size = train_size
@@ -167,14 +171,15 @@ class MultiObjectDataModule(DTIDataModule):
         self.seed = seed
         self.predict_split: PredictSplit = predict_split
         self.download_base_url = download_base_url
-        self.variant = variant
-        self.image_channels = (1, 3) if variant == "binarized" else (3,)  # grey: made RGB
-        self.image_size = image_size
-        self.num_semantic_classes = num_semantic_classes
+        self.image_channels = (1, 3) if schema.channels == 1 else (3,)  # grey: made RGB
+        self.image_size = info.image_size
+        self.has_semantic = info.num_semantic_classes > 0
+        self.num_semantic_classes = _file_classes(self.path, info.num_semantic_classes)
         self.eval_protocols = ("paper320", "heldout") if heldout_size > 0 else ("paper320",)
         self.splits: Splits | None = None
         self._datasets: dict[str, MultiObjectHDF5Dataset] = {}
         self._warned = False
+        self.save_hyperparameters()
 
     # -- creating the file (rank 0) ------------------------------------------------------------
 
@@ -205,11 +210,9 @@ class MultiObjectDataModule(DTIDataModule):
                         progress=False)  # fmt: skip
 
     def _create_hint(self) -> str:
-        from dti_sprites.datamodules.convert import h5_name
-
         variant = f" --variant {self.variant}" if self.variant else ""
         name = self.dataset_name
-        default = self.path.parent / h5_name(name, self.variant)
+        default = self.path.parent / dataset_info(name).h5_name(self.variant)
         moved = "" if default == self.path else f" (writes {default}; move it to {self.path})"
         return (
             f"Create it with `dti-sprites-data download --dataset {name}{variant} --root "
@@ -255,7 +258,14 @@ class MultiObjectDataModule(DTIDataModule):
             )
 
     def _check_semantic_attr(self) -> None:
-        """Hook for datasets whose class count comes from the file (CLEVR6)."""
+        """Take the file's class count when it differs (a file created after construction)."""
+        found = _file_classes(self.path, self.num_semantic_classes)
+        if found != self.num_semantic_classes:
+            rank_zero_warn(
+                f"{self.path}: attribute 'num_semantic_classes' is {found}; using it instead of "
+                f"{self.num_semantic_classes}"
+            )
+            self.num_semantic_classes = found
 
     def _keys(self) -> tuple[str, ...]:
         return ("mask", "semantic") if self.has_semantic else ("mask",)
@@ -327,32 +337,16 @@ class MultiObjectDataModule(DTIDataModule):
             ds.close()
 
 
+def _file_classes(path: Path, default: int) -> int:
+    """The file's ``num_semantic_classes`` attribute if it is readable, else ``default``."""
+    value = read_attr(path, "num_semantic_classes")
+    return default if value is None else int(value)
+
+
 class TetrominoesDataModule(MultiObjectDataModule):
     """Tetrominoes (35×35, 19 shapes + background = 20 semantic classes)."""
 
     dataset_name = "tetrominoes"
-
-    def __init__(
-        self,
-        path: str = "data/tetrominoes.h5",
-        batch_size: int = 32,
-        num_workers: int = 2,
-        train_size: int = 60_000,
-        paper_eval_size: int = 320,
-        heldout_size: int = 2000,
-        in_memory: bool = False,
-        download: bool = False,
-        generate: int = 0,
-        seed: int = 0,
-        predict_split: PredictSplit = "paper320",
-        download_base_url: str = DEFAULT_BASE_URL,
-    ) -> None:
-        super().__init__(
-            path, batch_size, num_workers, train_size, paper_eval_size, heldout_size, in_memory,
-            download, generate, seed, predict_split, download_base_url,
-            image_size=(35, 35), num_semantic_classes=20,
-        )  # fmt: skip
-        self.save_hyperparameters()
 
 
 class MultiDSpritesDataModule(MultiObjectDataModule):
@@ -360,6 +354,11 @@ class MultiDSpritesDataModule(MultiObjectDataModule):
 
     ``path`` defaults to ``data/multi_dsprites_<variant>.h5``. The binarized variant's grey
     images are repeated to 3 channels.
+
+    Args:
+        path: as ``MultiObjectDataModule``.
+        variant: which of the three Multi-dSprites datasets.
+        **kwargs: the other arguments of ``MultiObjectDataModule`` (batch_size, ...).
     """
 
     dataset_name = "multi_dsprites"
@@ -368,103 +367,23 @@ class MultiDSpritesDataModule(MultiObjectDataModule):
         self,
         path: str | None = None,
         variant: MultiDSpritesVariant = "colored_on_grayscale",
-        batch_size: int = 32,
-        num_workers: int = 2,
-        train_size: int = 60_000,
-        paper_eval_size: int = 320,
-        heldout_size: int = 2000,
-        in_memory: bool = False,
-        download: bool = False,
-        generate: int = 0,
-        seed: int = 0,
-        predict_split: PredictSplit = "paper320",
-        download_base_url: str = DEFAULT_BASE_URL,
+        **kwargs: Any,
     ) -> None:
-        if variant not in ("colored_on_grayscale", "colored_on_colored", "binarized"):
-            raise ValueError(
-                f"variant={variant!r}, expected 'colored_on_grayscale', 'colored_on_colored' "
-                "or 'binarized'"
-            )
-        super().__init__(
-            path or f"data/multi_dsprites_{variant}.h5", batch_size, num_workers, train_size,
-            paper_eval_size, heldout_size, in_memory, download, generate, seed, predict_split,
-            download_base_url, image_size=(64, 64), num_semantic_classes=4, variant=variant,
-        )  # fmt: skip
-        self.save_hyperparameters()
+        self.variant = variant  # read by MultiObjectDataModule.__init__
+        super().__init__(path, **kwargs)
 
 
 class CLEVR6DataModule(MultiObjectDataModule):
     """CLEVR6 (128×128 after the SPEC §8 crop and resize; ≤ 6 objects).
 
-    ``num_semantic_classes`` is the file's ``num_semantic_classes`` attribute when the file
-    exists at construction, else 4 (:data:`CLEVR6_SEMANTIC_CLASSES`: background + 3 shapes); a
-    file created later that disagrees updates it at ``setup`` with a warning.
+    Semantic classes: background + shape × material (cube, sphere, cylinder × rubber, metal) =
+    7, as the converter writes ``semantic`` (``decode.entity_classes``) and as the authors count.
     """
 
     dataset_name = "clevr6"
-
-    def __init__(
-        self,
-        path: str = "data/clevr6.h5",
-        batch_size: int = 32,
-        num_workers: int = 2,
-        train_size: int = 34_963,
-        paper_eval_size: int = 320,
-        heldout_size: int = 2000,
-        in_memory: bool = False,
-        download: bool = False,
-        generate: int = 0,
-        seed: int = 0,
-        predict_split: PredictSplit = "paper320",
-        download_base_url: str = DEFAULT_BASE_URL,
-    ) -> None:
-        super().__init__(
-            path, batch_size, num_workers, train_size, paper_eval_size, heldout_size, in_memory,
-            download, generate, seed, predict_split, download_base_url,
-            image_size=(128, 128), num_semantic_classes=_file_classes(Path(path)),
-        )  # fmt: skip
-        self.save_hyperparameters()
-
-    def _check_semantic_attr(self) -> None:
-        found = _file_classes(self.path)
-        if found != self.num_semantic_classes:
-            rank_zero_warn(
-                f"{self.path}: attribute 'num_semantic_classes' is {found}; using it instead of "
-                f"{self.num_semantic_classes}"
-            )
-            self.num_semantic_classes = found
-
-
-def _file_classes(path: Path) -> int:
-    """CLEVR's semantic class count: the file's attribute if readable, else the default."""
-    value = read_attr(path, "num_semantic_classes")
-    return CLEVR6_SEMANTIC_CLASSES if value is None else int(value)
 
 
 class ObjectsRoomDataModule(MultiObjectDataModule):
     """Objects Room (64×64; instance masks only, no semantic classes)."""
 
     dataset_name = "objects_room"
-    has_semantic = False
-
-    def __init__(
-        self,
-        path: str = "data/objects_room.h5",
-        batch_size: int = 32,
-        num_workers: int = 2,
-        train_size: int = 60_000,
-        paper_eval_size: int = 320,
-        heldout_size: int = 2000,
-        in_memory: bool = False,
-        download: bool = False,
-        generate: int = 0,
-        seed: int = 0,
-        predict_split: PredictSplit = "paper320",
-        download_base_url: str = DEFAULT_BASE_URL,
-    ) -> None:
-        super().__init__(
-            path, batch_size, num_workers, train_size, paper_eval_size, heldout_size, in_memory,
-            download, generate, seed, predict_split, download_base_url,
-            image_size=(64, 64), num_semantic_classes=0,
-        )  # fmt: skip
-        self.save_hyperparameters()

@@ -8,7 +8,7 @@
   colour (codes below; 0 = null).
 - Objects Room (all four variants): sky, floor and two wall halves plus simple objects.
 
-Every generator yields feature dicts with the dtypes and shapes that ``schemas.decode_example``
+Every generator yields feature dicts with the dtypes and shapes that ``decode.decode_example``
 gives for real records; ``write_synthetic`` writes them with ``TFRecordWriter`` as a whole-file
 GZIP TFRecord, as DeepMind's files are.
 """
@@ -24,7 +24,7 @@ from typing import BinaryIO, Literal
 import numpy as np
 
 from dti_sprites.datamodules.atomic import atomic_output
-from dti_sprites.datamodules.schemas import Schema, get_schema
+from dti_sprites.datamodules.catalog import Schema, get_schema
 from dti_sprites.datamodules.tf_example import FeatureValue, encode_example
 from dti_sprites.datamodules.tfrecord import frame_record
 
@@ -443,7 +443,7 @@ def synthesize(
             ``clevr10``) or ``objects_room``.
         n: number of records.
         seed: the same seed gives the same records.
-        variant: see ``schemas.resolve_variant`` (default variant when ``None``).
+        variant: see ``catalog.resolve_variant`` (default variant when ``None``).
 
     Yields:
         ``{feature: array}`` in schema order with the schema's shapes and dtypes, e.g. for

@@ -17,7 +17,8 @@ import h5py
 import numpy as np
 import pytest
 
-from dti_sprites.datamodules.download import DownloadError, download, fetch, remote_path
+from dti_sprites.datamodules.catalog import get_schema
+from dti_sprites.datamodules.download import DownloadError, download, fetch
 
 
 @dataclass
@@ -256,33 +257,8 @@ def test_unreachable_host_names_url(tmp_path: Path) -> None:
         fetch(url, tmp_path / "x.bin", retries=0, progress=False)
 
 
-def test_remote_paths_follow_the_spec() -> None:
-    assert remote_path("tetrominoes") == "tetrominoes/tetrominoes_train.tfrecords"
-    assert (
-        remote_path("multi_dsprites")
-        == "multi_dsprites/multi_dsprites_colored_on_grayscale.tfrecords"
-    )
-    assert (
-        remote_path("multi_dsprites", "binarized")
-        == "multi_dsprites/multi_dsprites_binarized.tfrecords"
-    )
-    assert (
-        remote_path("clevr6")
-        == remote_path("clevr10")
-        == "clevr_with_masks/clevr_with_masks_train.tfrecords"
-    )
-    assert remote_path("objects_room") == "objects_room/objects_room_train.tfrecords"
-    assert remote_path("objects_room", "six_objects").endswith(
-        "objects_room_test_six_objects.tfrecords"
-    )
-    with pytest.raises(ValueError, match="unknown variant 'gray' for multi_dsprites"):
-        remote_path("multi_dsprites", "gray")
-    with pytest.raises(ValueError, match="unknown variant 'binarized' for tetrominoes"):
-        remote_path("tetrominoes", "binarized")
-
-
 def test_download_without_conversion_places_the_tfrecord_in_root(tmp_path: Path) -> None:
-    rel = remote_path("tetrominoes")
+    rel = get_schema("tetrominoes").source
     with serve(FileServer({rel: PAYLOAD})) as server:
         out = download(
             "tetrominoes",
@@ -299,7 +275,7 @@ def test_download_converts_and_a_second_call_is_free(tmp_path: Path) -> None:
     from dti_sprites.datamodules.synth import write_synthetic
 
     tfrecord = write_synthetic("tetrominoes", tmp_path / "src.tfrecords", n=12, seed=1)
-    rel = remote_path("tetrominoes")
+    rel = get_schema("tetrominoes").source
     with serve(FileServer({rel: tfrecord.read_bytes()}, drop_after=1000)) as server:
         root = tmp_path / "data"
         out = download("tetrominoes", root, base_url=server.base_url, progress=False)

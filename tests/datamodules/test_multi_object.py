@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import pickle
 import threading
 import warnings
@@ -331,7 +332,7 @@ def test_multi_dsprites_default_path_follows_the_variant() -> None:
     dm = MultiDSpritesDataModule(variant="colored_on_colored")
     assert dm.path == Path("data/multi_dsprites_colored_on_colored.h5")
     assert dm.image_size == (64, 64)
-    with pytest.raises(ValueError, match="variant='gray'"):
+    with pytest.raises(ValueError, match="unknown variant 'gray' for multi_dsprites"):
         MultiDSpritesDataModule(variant="gray")  # type: ignore[arg-type]
 
 
@@ -365,6 +366,26 @@ def test_defaults() -> None:
         TetrominoesDataModule(download=True, generate=10)
     with pytest.raises(ValueError, match="train_size must be > 0"):
         TetrominoesDataModule(train_size=0)
+
+
+@pytest.mark.parametrize("cls", [TetrominoesDataModule, MultiDSpritesDataModule])
+def test_cli_help_documents_every_option(cls: type[MultiObjectDataModule], capsys) -> None:
+    """Subclasses forward typed arguments, so ``--data.help`` lists the base class's too."""
+    from dti_sprites.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--data.help", cls.__name__])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    signatures = [inspect.signature(c).parameters for c in (cls, MultiObjectDataModule)]
+    options = [name for name in dict.fromkeys([*signatures[0], *signatures[1]]) if name != "kwargs"]
+    assert len(options) == (13 if cls is MultiDSpritesDataModule else 12)
+    for name in options:
+        assert f"  --data.{name} " in out, name
+    text = " ".join(out.split())  # help lines are wrapped at any space
+    assert text.count("(type: ") == len(options)  # each with its type and its help text
+    assert "per process (under DDP the global batch" in text
+    assert ("which of the three Multi-dSprites" in text) == (cls is MultiDSpritesDataModule)
 
 
 # --------------------------------------------------------------------------------------------
@@ -571,13 +592,13 @@ class _QuietHandler(SimpleHTTPRequestHandler):
 def test_prepare_data_downloads_when_allowed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from dti_sprites.datamodules.download import remote_path
+    from dti_sprites.datamodules.catalog import get_schema
     from dti_sprites.datamodules.synth import write_synthetic
 
     for name in ("http_proxy", "HTTP_PROXY", "all_proxy"):
         monkeypatch.delenv(name, raising=False)
     served = tmp_path / "bucket"
-    src = served / remote_path("tetrominoes")
+    src = served / get_schema("tetrominoes").source
     src.parent.mkdir(parents=True)
     write_synthetic("tetrominoes", src, n=20, seed=2)
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(_QuietHandler, directory=str(served)))

@@ -8,12 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dti_sprites.datamodules.schemas import (
-    SCHEMAS,
-    decode_example,
-    entity_first_masks,
-    get_schema,
-)
+from dti_sprites.datamodules.catalog import SCHEMAS, get_schema
+from dti_sprites.datamodules.decode import decode_example, entity_first_masks
 from dti_sprites.datamodules.synth import (
     TETROMINO_COLORS,
     TETROMINO_SHAPES,

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dti_sprites.datamodules.schemas import decode_example, get_schema
+from dti_sprites.datamodules.catalog import get_schema
+from dti_sprites.datamodules.decode import decode_example
 from dti_sprites.datamodules.synth import TFRecordWriter
 from dti_sprites.datamodules.tf_example import encode_example, iter_examples, parse_example
 from dti_sprites.datamodules.tfrecord import TFRecordError, iter_records
