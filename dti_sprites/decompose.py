@@ -54,8 +54,13 @@ from dti_sprites.datamodules.hdf5 import (
     MultiObjectHDF5Dataset,
     check_file,
 )
-from dti_sprites.datamodules.images import IMAGE_EXTENSIONS, ImageReadError, _find_images, _load
-from dti_sprites.datamodules.images import _Record as ImageRecord
+from dti_sprites.datamodules.image_files import (
+    IMAGE_EXTENSIONS,
+    ImageReadError,
+    ImageRecord,
+    find_images,
+    load_record,
+)
 from dti_sprites.model import Decomposition, DTISprites
 
 __all__ = ["DecomposeError", "decompose", "image_batches", "main", "png_outputs"]
@@ -107,14 +112,14 @@ def _hdf5_batches(path: Path, size: int, batch_size: int) -> Iterator[dict[str, 
 
 
 def _folder_batches(folder: Path, size: int, batch_size: int) -> Iterator[dict[str, Any]]:
-    files = _find_images(folder, recursive=True)
+    files = find_images(folder, recursive=True)
     if not files:
         raise DecomposeError(f"no {'/'.join(IMAGE_EXTENSIONS)} image under {folder}")
     for start in range(0, len(files), batch_size):
         chunk = files[start : start + batch_size]
         try:
             image = torch.stack(
-                [_load(ImageRecord(p), size, "crop")[0] for p in chunk]
+                [load_record(ImageRecord(p), size, "crop")[0] for p in chunk]
             )  # (B, 3, S, S) uint8
         except ImageReadError as err:
             raise DecomposeError(str(err)) from err

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import pickle
 import threading
 import warnings
@@ -366,26 +365,6 @@ def test_defaults() -> None:
         TetrominoesDataModule(download=True, generate=10)
     with pytest.raises(ValueError, match="train_size must be > 0"):
         TetrominoesDataModule(train_size=0)
-
-
-@pytest.mark.parametrize("cls", [TetrominoesDataModule, MultiDSpritesDataModule])
-def test_cli_help_documents_every_option(cls: type[MultiObjectDataModule], capsys) -> None:
-    """Subclasses forward typed arguments, so ``--data.help`` lists the base class's too."""
-    from dti_sprites.cli import main
-
-    with pytest.raises(SystemExit) as exit_:
-        main(["fit", "--data.help", cls.__name__])
-    assert exit_.value.code == 0
-    out = capsys.readouterr().out
-    signatures = [inspect.signature(c).parameters for c in (cls, MultiObjectDataModule)]
-    options = [name for name in dict.fromkeys([*signatures[0], *signatures[1]]) if name != "kwargs"]
-    assert len(options) == (13 if cls is MultiDSpritesDataModule else 12)
-    for name in options:
-        assert f"  --data.{name} " in out, name
-    text = " ".join(out.split())  # help lines are wrapped at any space
-    assert text.count("(type: ") == len(options)  # each with its type and its help text
-    assert "per process (under DDP the global batch" in text
-    assert ("which of the three Multi-dSprites" in text) == (cls is MultiDSpritesDataModule)
 
 
 # --------------------------------------------------------------------------------------------
