@@ -156,7 +156,7 @@ def fetch(
 def _transfer(
     session: requests.Session, url: str, part: Path, timeout: float, progress: bool
 ) -> str | None:
-    """Append the missing bytes of ``url`` to ``part``; the server's MD5 (base64) if any."""
+    """Append the missing bytes of ``url`` to ``part``; the server's MD5 (hex) if it gives one."""
     offset = part.stat().st_size if part.exists() else 0
     headers = {"Range": f"bytes={offset}-"} if offset else {}
     try:
@@ -211,33 +211,33 @@ def _transfer(
 
 
 def _verify(url: str, part: Path, sha256: str | None, md5: str | None) -> None:
-    """Compare ``part`` with the expected SHA-256 and the server's MD5; delete it on a mismatch."""
-    if sha256 is None and md5 is None:
+    """Compare ``part`` with the expected hex digests; delete it on a mismatch."""
+    expected = {name: value for name, value in (("sha256", sha256), ("md5", md5)) if value}
+    digests = {name: hashlib.new(name) for name in expected}
+    if not digests:
         return
-    digests = {"SHA-256": hashlib.sha256(), "MD5": hashlib.md5(usedforsecurity=False)}
     with open(part, "rb") as f:
         while chunk := f.read(_CHUNK):
             for digest in digests.values():
                 digest.update(chunk)
-    received = {
-        "SHA-256": digests["SHA-256"].hexdigest(),
-        "MD5": base64.b64encode(digests["MD5"].digest()).decode(),
-    }
-    for name, expected in (("SHA-256", sha256), ("MD5", md5)):
-        if expected is not None and received[name] != expected:
+    for name, digest in digests.items():
+        if digest.hexdigest() != expected[name]:
             part.unlink()
             raise DownloadError(
-                f"{url}: {name} mismatch (expected {expected}, received {received[name]}); "
-                "the partial file was deleted, call again to restart"
+                f"{url}: {name.upper()} mismatch (expected {expected[name]}, received "
+                f"{digest.hexdigest()}); the partial file was deleted, call again to restart"
             )
 
 
 def _goog_md5(header: str) -> str | None:
-    """The MD5 in Google Cloud Storage's ``x-goog-hash: crc32c=…,md5=…`` header, if any."""
+    """The hex MD5 from Google Cloud Storage's ``x-goog-hash: crc32c=…,md5=<base64>``, if any."""
     for item in header.split(","):
         key, _, digest = item.strip().partition("=")
         if key == "md5" and digest:
-            return digest
+            try:
+                return base64.b64decode(digest, validate=True).hex()
+            except ValueError:  # not base64: no usable checksum
+                return None
     return None
 
 

@@ -218,7 +218,7 @@ def test_changed_remote_file_fails_the_checksum_and_restarts(tmp_path: Path) -> 
         with pytest.raises(DownloadError, match="interrupted"):
             fetch(url, tmp_path / NAME, sha256=sha256, retries=0, progress=False)
     with serve(FileServer({NAME: PAYLOAD})) as server:
-        with pytest.raises(DownloadError, match=rf"SHA-256 mismatch \(expected {sha256}"):
+        with pytest.raises(DownloadError, match=rf"SHA256 mismatch \(expected {sha256}"):
             fetch(server.base_url + NAME, tmp_path / NAME, sha256=sha256, progress=False)
         assert not (tmp_path / NAME).exists() and not (tmp_path / f"{NAME}.part").exists()
         out = fetch(server.base_url + NAME, tmp_path / NAME, sha256=sha256, progress=False)
