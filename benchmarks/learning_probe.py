@@ -9,7 +9,7 @@ create it) with a plain loop — random batches of ``--batch`` (32), Adam with t
 parameter groups, reassignment every 50 steps through :class:`SpriteReassignment` — until
 ``--seconds`` have passed, then prints one JSON line (steps, seconds, ARI-FG on the first 500
 held-out scenes) and writes ``<out>/<name>_sprites.png`` and ``<out>/<name>_decompositions.png``
-(4× zoom).
+(labelled, 4× zoom).
 Two probes with ``--threads 1`` side by side use a 2-core machine better than one with 2.
 ``--prototype-lr`` applies from step ``--prototype-lr-after`` (before it, ``--lr``);
 ``--freeze N`` freezes the sprites for the first N steps.
@@ -28,10 +28,10 @@ import torch
 import yaml
 
 from dti_sprites.callbacks import SpriteReassignment
-from dti_sprites.callbacks.dashboard import decomposition_grid, save_png, sprite_grid, upscale
 from dti_sprites.metrics import ari_per_image
 from dti_sprites.model import DTISprites
 from dti_sprites.module import DTISpritesModule
+from dti_sprites.viz import decomposition_figure, save_figure, sprite_figure
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,9 +92,10 @@ def main() -> None:
             scores.append(ari_per_image(model(x).instance_fg(x), masks[i : i + 100], True))
         score = torch.cat(scores)
         out_dir = Path(args.out)
-        save_png(upscale(sprite_grid(model), 4), out_dir / f"{args.name}_sprites.png")
-        grid = decomposition_grid(model, images[train_size : train_size + 8].float() / 255)
-        save_png(upscale(grid, 4), out_dir / f"{args.name}_decompositions.png")
+        save_figure(sprite_figure(model, zoom=4), out_dir / f"{args.name}_sprites.png")
+        held_out = images[train_size : train_size + 8].float() / 255
+        figure = decomposition_figure(model, held_out, zoom=4)
+        save_figure(figure, out_dir / f"{args.name}_decompositions.png")
     result = {"name": args.name, "steps": step, "seconds": round(seconds),
               "ari_fg": round(100 * float(score[~score.isnan()].mean()), 1),
               "args": vars(args)}  # fmt: skip

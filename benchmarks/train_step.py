@@ -4,7 +4,8 @@
         [--threads T] [--batch B] [--warmup W] [--encoder resnet8]
 
 A step is what training does: forward (encoder, heads, rendering of every candidate, greedy
-selection), rendering of the selected sprites, MSE, backward and Adam — with every curriculum
+selection), rendering of the selected sprites, MSE, backward and the config's Adam (with its
+repeated encoder updates) — with every curriculum
 stage on, sprites unfrozen and mask noise on. The model comes from ``experiments/NAME.yaml``.
 Prints one line per config:
 
@@ -44,9 +45,8 @@ def build(
     model_args = spec["model"]["model"]["init_args"]
     if encoder:
         model_args["encoder"] = encoder
-    module = DTISpritesModule(DTISprites(**model_args), **{
-        k: v for k, v in spec["model"].items() if k in ("lr", "weight_decay")
-    })  # fmt: skip
+    module_args = {k: v for k, v in spec["model"].items() if k != "model"}
+    module = DTISpritesModule(DTISprites(**model_args), **module_args)
     model = module.model
     for sequence in model.transform_groups().values():
         sequence.set_active(len(sequence))  # every curriculum stage on
@@ -92,7 +92,7 @@ def benchmark(
     model = module.model
     size = model.image_size
     images = torch.rand(batch, 3, size, size, device=device)
-    optimizer = torch.optim.Adam(module.parameter_groups())
+    optimizer = module.configure_optimizers()  # the config's, e.g. repeated encoder updates
 
     def step() -> None:
         loss = model(images).mse.mean()

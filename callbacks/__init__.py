@@ -8,6 +8,7 @@ from dti_sprites.callbacks.lr_drops import LRDrops
 from dti_sprites.callbacks.predictions import PredictionWriter
 from dti_sprites.callbacks.reassignment import SpriteReassignment
 from dti_sprites.callbacks.run_dir import run_dir
+from dti_sprites.callbacks.seeding import SpriteSeeding
 
 __all__ = [
     "Curriculum",
@@ -16,5 +17,6 @@ __all__ = [
     "SpriteDashboard",
     "SpriteFreeze",
     "SpriteReassignment",
+    "SpriteSeeding",
     "run_dir",
 ]

@@ -12,7 +12,6 @@ Shapes: K0 learned sprites, L layers, H×W image, h×w sprite canvas, N images.
 from __future__ import annotations
 
 import csv
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,101 +22,33 @@ import numpy as np
 import torch
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 from lightning.pytorch.loggers import WandbLogger
-from PIL import Image, ImageDraw, ImageFont
+from matplotlib.figure import Figure
 from torch import Tensor
-from torchvision.utils import make_grid, save_image
+from torchvision.utils import make_grid
 
 from dti_sprites.callbacks.reassignment import SpriteReassignment
 from dti_sprites.callbacks.run_dir import run_dir
+from dti_sprites.io import atomic_write
+from dti_sprites.viz import (
+    background_figure,
+    colorize,
+    decomposition_figure,
+    grid_figure,
+    save_figure,
+    sprite_figure,
+    to_uint8_hwc,
+    usage_figure,
+)
 
-# Distinct colours for label maps: index 0 (background) is black.
-PALETTE = torch.tensor(
-    [
-        [0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
-        [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212],
-        [0, 128, 128], [220, 190, 255], [170, 110, 40], [255, 250, 200], [128, 0, 0],
-        [170, 255, 195], [128, 128, 0], [255, 215, 180], [0, 0, 128], [128, 128, 128],
-    ],
-    dtype=torch.float32,
-) / 255  # fmt: skip
-EMPTY_COLOR = (160, 160, 160)  # the empty sprite's bar in usage charts
-
-
-def colorize(labels: Tensor) -> Tensor:
-    """Label map (B, H, W) → RGB (B, 3, H, W) with a fixed palette (0 = black)."""
-    palette = PALETTE.to(labels.device)
-    return palette[labels.long() % len(palette)].movedim(-1, 1)  # (B, 3, H, W)
-
-
-def sprite_color(k: int) -> tuple[int, int, int]:
-    """The semantic colour of sprite ``k`` (label k + 1) as 0–255 RGB."""
-    r, g, b = (PALETTE[(k + 1) % len(PALETTE)] * 255).round().int().tolist()
-    return r, g, b
-
-
-def save_png(image: Tensor, path: Path) -> None:
-    """Save a (3, H, W) image in [0, 1] atomically (temp file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    save_image(image, tmp)
-    os.replace(tmp, path)
-
-
-def save_pil(image: Image.Image, path: Path) -> None:
-    """Save a PIL image as PNG atomically (temp file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+WORST_ROWS = ("input", "reconstruction", "instance map", "ground truth")  # of the worst grids
 
 
 def save_csv(rows: Sequence[Sequence[Any]], columns: Sequence[str], path: Path) -> None:
     """Write a CSV table atomically (temp file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.csv")
-    with open(tmp, "w", newline="") as f:
+    with atomic_write(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(columns)
         writer.writerows(rows)
-    os.replace(tmp, path)
-
-
-def upscale(grid: Tensor, zoom: int) -> Tensor:
-    """Nearest-neighbour upscaling: (3, H, W) -> (3, zoom·H, zoom·W), a pixel per zoom × zoom."""
-    return grid.repeat_interleave(zoom, 1).repeat_interleave(zoom, 2)
-
-
-def to_uint8_hwc(image: Tensor) -> np.ndarray:
-    """(3, H, W) float in [0, 1] → (H, W, 3) uint8 numpy (what W&B and PIL take)."""
-    return (image.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-
-
-# ------------------------------------------------------------------------------------ grids
-def sprite_grid(model) -> Tensor:
-    """Rows: appearance, mask, appearance × mask; one column per learned sprite. (3, H', W')"""
-    with torch.no_grad():
-        appearance, mask = model.sprites()
-        k0 = model.sprites.n_sprites
-        appearance, mask = appearance[:k0], mask[:k0].expand(-1, 3, -1, -1)
-        tiles = torch.cat([appearance, mask, appearance * mask])  # (3·K0, 3, h, w)
-        # Border in the semantic colour of sprite k (label k + 1).
-        border = colorize(torch.arange(1, k0 + 1)).repeat(3, 1)[:, :, None, None]  # (3·K0, 3, 1, 1)
-        tiles = torch.nn.functional.pad(tiles.cpu(), (1, 1, 1, 1))
-        tiles[:, :, [0, -1], :] = border
-        tiles[:, :, :, [0, -1]] = border
-        return make_grid(tiles.float().cpu(), nrow=k0, padding=1, pad_value=1.0)
-
-
-def decomposition_grid(model, images: Tensor) -> Tensor:
-    """Columns per image; rows: input, reconstruction, semantic, instance, then each layer
-    (colour × alpha). images (N, 3, H, W) → (3, H', W')."""
-    with torch.no_grad():
-        out = model(images)
-        rows = [images, out.reconstruction, colorize(out.semantic()), colorize(out.instance())]
-        rgb, alpha = out.layers[:, :, :3], out.layers[:, :, 3:]
-        rows += list((rgb * alpha).unbind(1))  # L rows of (N, 3, H, W)
-        tiles = torch.stack(rows).flatten(0, 1)  # (rows·N, 3, H, W)
-        return make_grid(tiles.float().clamp(0, 1).cpu(), nrow=len(images), padding=1)
 
 
 def usage_counts(sprite_choice: Tensor, n_sprites: int) -> Tensor:
@@ -129,44 +60,6 @@ def usage_counts(sprite_choice: Tensor, n_sprites: int) -> Tensor:
     flat = choice + torch.arange(n_layers)[None] * (n_sprites + 1)  # (B, L)
     counts = torch.bincount(flat.flatten(), minlength=n_layers * (n_sprites + 1))
     return counts.view(n_layers, n_sprites + 1)  # (L, K0 + 1)
-
-
-def usage_chart(counts: Tensor, bar_width: int = 12, height: int = 110) -> Image.Image:
-    """A bar chart of sprite usage per layer, drawn with PIL (no matplotlib).
-
-    counts (L, K0 + 1): one panel per layer, one bar per sprite in its semantic colour (the
-    last bar, grey, labelled ``e``, is the empty sprite); bar height = share of that layer's
-    choices, on a common 0–100 % axis. Returns an RGB image of width
-    ``margin + (K0+1)·bar_width`` and ``L`` panels of ``height`` pixels plus labels.
-    """
-    n_layers, n_bars = counts.shape
-    share = counts.double() / counts.sum(1, keepdim=True).clamp(min=1)  # (L, K0 + 1)
-    font = ImageFont.load_default()
-    left, top, label_h, title_h = 34, 4, 12, 12
-    panel_h = title_h + height + label_h
-    width = left + n_bars * bar_width + 6
-    image = Image.new("RGB", (width, top + n_layers * panel_h), "white")
-    draw = ImageDraw.Draw(image)
-    for layer in range(n_layers):
-        y0 = top + layer * panel_h + title_h  # top of the plot area
-        y1 = y0 + height  # baseline
-        draw.text((left, y0 - title_h), f"layer {layer}", fill="black", font=font)
-        draw.line([(left - 1, y0), (left - 1, y1)], fill="black")
-        draw.line([(left - 1, y1), (width - 4, y1)], fill="black")
-        for tick in (0.0, 0.5, 1.0):
-            y = round(y1 - tick * height)
-            draw.line([(left - 4, y), (left - 1, y)], fill="black")
-            draw.text((2, max(y - 5, y0 - 5)), f"{round(100 * tick)}%", fill="black", font=font)
-        for k in range(n_bars):
-            x = left + k * bar_width
-            color = EMPTY_COLOR if k == n_bars - 1 else sprite_color(k)
-            bar_h = round(float(share[layer, k]) * height)
-            if bar_h > 0:
-                draw.rectangle([x + 1, y1 - bar_h, x + bar_width - 2, y1 - 1], fill=color)
-            if k == n_bars - 1 or k % 5 == 0:
-                draw.text((x + 1, y1 + 1), "e" if k == n_bars - 1 else str(k), fill="black",
-                          font=font)  # fmt: skip
-    return image
 
 
 # ------------------------------------------------------------------------- eval records
@@ -243,13 +136,14 @@ def all_gather_records(
 class SpriteDashboard(L.Callback):
     """The sprite dashboard: PNGs and CSVs in the run folder, the same as W&B media.
 
-    Every ``every_n_steps`` training steps and at the end of fit (global rank 0):
+    Every ``every_n_steps`` training steps and at the end of fit (global rank 0), pictures drawn
+    by :mod:`dti_sprites.viz` with every row and column labelled:
 
-    - ``images/sprites.png``: appearance, mask, appearance × mask per sprite, each with a border
-      in the sprite's semantic colour (the colour of its label in the semantic maps);
+    - ``images/sprites.png``: rows appearance, mask, appearance × mask; a column per sprite k,
+      bordered in its semantic colour (the colour of its label k + 1 in the semantic maps);
     - ``images/backgrounds.png``;
-    - ``images/decompositions.png``: for ``n_images`` fixed training images, rows of input,
-      reconstruction, semantic map, instance map and each layer;
+    - ``images/decompositions.png``: a column per fixed training image (``n_images``), rows
+      input, reconstruction, semantic map, instance map, then ``layer 0`` … ``layer L-1``;
     - ``images/usage.png`` and ``tables/usage.csv``: sprite usage per layer (share of the
       choices since the previous drawing, in rank 0's batches under DDP; the grey bar is the
       empty sprite);
@@ -272,14 +166,16 @@ class SpriteDashboard(L.Callback):
       multi-object data, ascending ARI-FG; the thumbnails are filled for the ``n_worst``
       lowest-scored images of each protocol only (the other rows keep their scalars);
     - ``images/<stage>_<protocol>_worst.png`` (and W&B image ``<stage>/<protocol>/worst``):
-      columns = those worst images, rows = input, reconstruction, instance map, ground truth.
+      columns = those worst images (labelled by index), rows = input, reconstruction, instance
+      map, ground truth.
 
     Args:
         every_n_steps: drawing period in training steps.
         n_images: fixed training images of the decomposition grid.
         n_worst: images per protocol whose thumbnails are kept in the per-image table.
-        zoom: integer upscaling (nearest neighbour) of the sprite, background and decomposition
-            grids, PNG and W&B alike: a 24-pixel sprite is hard to read at 1×.
+        zoom: integer upscaling (nearest neighbour, figure pixels per image pixel) of the
+            sprite, background and decomposition pictures, PNG and W&B alike: a 24-pixel sprite
+            is hard to read at 1×.
     """
 
     def __init__(
@@ -339,24 +235,23 @@ class SpriteDashboard(L.Callback):
         model = pl_module.model
         was_training = model.training
         model.eval()
-        grids = {
-            "sprites": sprite_grid(model),
-            "backgrounds": make_grid(model.backgrounds().float().clamp(0, 1).cpu(), padding=1),
+        figures = {
+            "sprites": sprite_figure(model, self.zoom),
+            "backgrounds": background_figure(model, self.zoom),
         }
         if self.images is not None:
-            grids["decompositions"] = decomposition_grid(model, self.images.to(pl_module.device))
+            images = self.images.to(pl_module.device)
+            figures["decompositions"] = decomposition_figure(model, images, self.zoom)
         model.train(was_training)
-        if self.zoom > 1:
-            grids = {name: upscale(grid, self.zoom) for name, grid in grids.items()}
-        folder = run_dir(trainer)
-        for name, grid in grids.items():
-            save_png(grid, folder / "images" / f"{name}.png")
-        media: dict[str, Any] = {name: to_uint8_hwc(grid) for name, grid in grids.items()}
         usage_rows: list[list[Any]] = []
         if self.usage is not None and int(self.usage.sum()) > 0:
-            chart = usage_chart(self.usage)
-            save_pil(chart, folder / "images" / "usage.png")
-            media["usage"] = np.asarray(chart)
+            figures["usage"] = usage_figure(self.usage)
+        folder = run_dir(trainer)
+        media: dict[str, np.ndarray] = {  # the PNGs as written, (H, W, 3) uint8
+            name: save_figure(figure, folder / "images" / f"{name}.png")
+            for name, figure in figures.items()
+        }
+        if "usage" in figures:
             share = self.usage.double() / self.usage.sum(1, keepdim=True).clamp(min=1)
             k0 = self.usage.shape[1] - 1
             for layer in range(self.usage.shape[0]):
@@ -466,12 +361,14 @@ class SpriteDashboard(L.Callback):
         if metrics:
             save_csv(metrics, ["metric", "value", "protocol"],
                      folder / "tables" / f"{stage}_metrics.csv")  # fmt: skip
-        rows, grids = self._per_image(pl_module, records)
+        rows, figures = self._per_image(pl_module, records)
         if rows:
             save_csv([row[:3] for row in rows], ["protocol", "index", "ari_fg"],
                      folder / "tables" / f"{stage}_ari_fg.csv")  # fmt: skip
-        for protocol, grid in grids.items():
-            save_png(grid, folder / "images" / f"{stage}_{protocol}_worst.png")
+        worst = {  # the PNGs as written, (H, W, 3) uint8
+            protocol: save_figure(figure, folder / "images" / f"{stage}_{protocol}_worst.png")
+            for protocol, figure in figures.items()
+        }
         loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
         if not loggers or not (metrics or rows):
             return
@@ -488,23 +385,24 @@ class SpriteDashboard(L.Callback):
             data = [[*row[:3], *(None if t is None else wandb.Image(t) for t in row[3:])]
                     for row in rows]  # fmt: skip
             payload[f"{stage}/ari_fg_table"] = wandb.Table(columns=columns, data=data)
-        for protocol, grid in grids.items():
-            payload[f"{stage}/{protocol}/worst"] = wandb.Image(to_uint8_hwc(grid))
+        for protocol, picture in worst.items():
+            payload[f"{stage}/{protocol}/worst"] = wandb.Image(picture)
         for logger in loggers:
             logger.log_metrics(payload, step=trainer.global_step)
 
     @torch.no_grad()
     def _per_image(
         self, pl_module: L.LightningModule, records: dict[str, EvalRecords]
-    ) -> tuple[list[list[Any]], dict[str, Tensor]]:
+    ) -> tuple[list[list[Any]], dict[str, Figure]]:
         """Table rows [protocol, index, ari_fg, image, reconstruction, instance, ground truth]
         (thumbnails (H, W, 3) uint8 for the worst images, else None), ascending ARI-FG, and
-        per protocol the worst-image grid (3, H', W')."""
+        per protocol the worst-image grid: a column per image (labelled by its index in the
+        split), rows :data:`WORST_ROWS`."""
         model = pl_module.model
         was_training = model.training
         model.eval()
         rows: list[list[Any]] = []
-        grids: dict[str, Tensor] = {}
+        figures: dict[str, Figure] = {}
         for protocol, rec in records.items():
             thumbs: dict[int, list[np.ndarray]] = {}
             if rec.worst_image is not None and len(rec.worst_image):
@@ -515,9 +413,11 @@ class SpriteDashboard(L.Callback):
                 tiles = [t.float().cpu() for t in tiles]  # 4 × (n, 3, H, W)
                 for j, index in enumerate(rec.worst_index.tolist()):
                     thumbs[index] = [to_uint8_hwc(t[j]) for t in tiles]
-                grids[protocol] = make_grid(torch.cat(tiles), nrow=len(image), padding=1)
+                grid = make_grid(torch.cat(tiles), nrow=len(image), padding=1)
+                columns = [str(i) for i in rec.worst_index.tolist()]
+                figures[protocol] = grid_figure(grid, WORST_ROWS, columns, "image index")
             for index, score in zip(rec.index, rec.ari_fg, strict=True):
                 rows.append([protocol, index, score, *thumbs.pop(index, [None] * 4)])
         model.train(was_training)
         rows.sort(key=lambda row: (row[2], row[0], row[1]))
-        return rows, grids
+        return rows, figures

@@ -12,7 +12,7 @@ class SpriteFreeze(L.Callback):
     """Freezes sprite appearances and masks for the first ``epochs`` epochs.
 
     While frozen, the model also drops the empty sprite from the candidates and switches the
-    λ penalty off (SPEC §4). Derived from the epoch, so a resume continues exactly.
+    λ penalty off (docs/method.md §4). Derived from the epoch, so a resume continues exactly.
     """
 
     def __init__(self, epochs: NonNegativeInt = 0) -> None:

@@ -1,4 +1,4 @@
-"""Reassignment of unused sprites (SPEC §5)."""
+"""Reassignment of unused sprites (docs/method.md §5)."""
 
 from __future__ import annotations
 

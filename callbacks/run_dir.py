@@ -8,8 +8,9 @@ import lightning as L
 
 
 def run_dir(trainer: L.Trainer) -> Path:
-    """The run folder: ``<save_dir>/<name>/<version>`` of the first logger (the folder whose
-    ``checkpoints/`` Lightning's ModelCheckpoint uses), or ``default_root_dir`` without one."""
+    """The run folder: ``<save_dir>/<name>/<version>`` of the first logger (Lightning's own
+    layout), or ``default_root_dir`` without one. The CLI puts the logger's ``save_dir`` at
+    ``default_root_dir``, so the run folder lies in the run's root."""
     logger = trainer.logger
     if logger is None:
         return Path(trainer.default_root_dir)

@@ -1,5 +1,5 @@
-"""The datasets of this project, one record each (SPEC §7, §8): what conversion, download and
-the DataModules know about them.
+"""The datasets of this project, one record each (docs/method.md §7, §8): what conversion,
+download and the DataModules know about them.
 
 - ``Schema``: one public DeepMind TFRecord file (a dataset and variant): its features with the
   ``tf.io.FixedLenFeature`` shapes of DeepMind's readers, image size, entities, mask layout,

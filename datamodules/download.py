@@ -30,8 +30,8 @@ import urllib3
 from filelock import FileLock
 from tqdm import tqdm
 
-from dti_sprites.datamodules.atomic import commit
 from dti_sprites.datamodules.catalog import BASE_URL, dataset_info
+from dti_sprites.io import commit
 
 __all__ = ["DownloadError", "download", "fetch"]
 
@@ -149,7 +149,7 @@ def fetch(
                     _say(progress, f"{url}: {err}; resuming from byte {held:,} in {wait:.0f} s")
                     time.sleep(wait)
         _verify(url, part, sha256, md5)
-        commit(part, dest)
+        commit(part, dest)  # atomic_write's rename; not atomic_write, whose failure deletes .part
     return dest
 
 

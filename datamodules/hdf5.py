@@ -14,14 +14,16 @@ Prediction files (``dti-sprites predict``, ``dti-sprites-decompose``): the array
 ``layers``, ``sprite_choice``), one row per image, plus ``index`` and the input's
 ``source_index`` or ``path``.
 
-``HDF5Writer`` writes both, batch by batch and atomically (``atomic``: ``<name>.partial``,
-renamed when complete, removed on failure, so a failed write keeps a previous file).
+``HDF5Writer`` writes both, batch by batch and atomically (``dti_sprites.io.atomic_write``:
+``<name>.partial``, renamed when complete, removed on failure, so a failed write keeps a previous
+file).
 ``check_file`` validates a dataset file before training or decomposing, naming the file, the key
 and what was expected; ``MultiObjectHDF5Dataset`` reads its records.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -34,7 +36,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from dti_sprites.datamodules import atomic
+from dti_sprites.io import atomic_write
 
 __all__ = [
     "HDF5FormatError",
@@ -54,6 +56,10 @@ class HDF5FormatError(ValueError):
     """An HDF5 file that is not what the reader expects; the message names file and key."""
 
 
+class _Discard(Exception):
+    """Ends the atomic write of an :class:`HDF5Writer` without keeping the file."""
+
+
 # --------------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------------
@@ -64,8 +70,9 @@ class HDF5Writer:
 
     The first ``append`` creates one resizable dataset per key (row shape and dtype from the
     arrays, about 64 KB chunks; string arrays become UTF-8 strings); later batches must carry the
-    same keys. Until ``close(commit=True)`` only ``<path>.partial`` exists. As a context manager
-    it commits on success and discards the file on an exception.
+    same keys. Until ``close(commit=True)`` only ``<path>.partial`` exists: the writer holds an
+    :func:`~dti_sprites.io.atomic_write` block open from construction to ``close``. As a context
+    manager it commits on success and discards the file on an exception.
 
     Args:
         path: the file to write.
@@ -80,9 +87,11 @@ class HDF5Writer:
         compression: str | None = None,
     ) -> None:
         self.path = Path(path)
-        self.partial = atomic.partial_path(self.path)
-        self.file = h5py.File(self.partial, "w")
-        self.file.attrs.update(attrs or {})
+        with contextlib.ExitStack() as stack:  # an error here deletes the temporary file
+            self.partial = stack.enter_context(atomic_write(self.path))
+            self.file = h5py.File(self.partial, "w")
+            self.file.attrs.update(attrs or {})
+            self._write = stack.pop_all()  # held open across batches until ``close``
         self.compression = compression
         self.count = 0  # rows written
 
@@ -128,9 +137,10 @@ class HDF5Writer:
         if self.file.id.valid:
             self.file.close()
         if commit:
-            atomic.commit(self.partial, self.path)
+            self._write.close()  # atomic_write flushes and renames the temporary file
         else:
-            self.partial.unlink(missing_ok=True)
+            with contextlib.suppress(_Discard), self._write:
+                raise _Discard  # atomic_write deletes the temporary file
         return self.path
 
     def __enter__(self) -> HDF5Writer:

@@ -1,4 +1,4 @@
-"""Single-object DataModules (SPEC §7, §8): GTSRB-8, SVHN, Weizmann Horse and image folders.
+"""Single-object DataModules (docs/method.md §7, §8): GTSRB-8, SVHN, Weizmann Horse, image folders.
 
 Every DataModule yields the dict batches of :mod:`dti_sprites.datamodules.base`:
 ``image`` (B, 3, H, W) float32 in [0, 1], ``index`` (B,) int64 (position in its split), plus
@@ -55,7 +55,8 @@ __all__ = [
 ]
 
 GTSRB8_CLASSES: tuple[int, ...] = (3, 7, 9, 11, 17, 18, 25, 35)
-"""GTSRB class ids kept by GTSRB-8 (SPEC §7); class ``GTSRB8_CLASSES[i]`` gets label ``i``."""
+"""GTSRB class ids kept by GTSRB-8 (docs/method.md §7); class ``GTSRB8_CLASSES[i]`` gets label
+``i``."""
 
 Sample = dict[str, Tensor]
 
@@ -194,7 +195,7 @@ class _SingleObjectDataModule(DTIDataModule):
 
     Args:
         root: the dataset folder.
-        batch_size: per process (SPEC §7: 32; 128 for GTSRB-8 and SVHN).
+        batch_size: per process (docs/method.md §7: 32; 128 for GTSRB-8 and SVHN).
         num_workers: dataloader workers; also the threads that preload or decode at ``setup``.
         eval_protocols: validation / test splits, in order (predict: the first); ``train``:
             all images, as the paper for Weizmann Horse and image folders.
@@ -324,7 +325,7 @@ class GTSRB8DataModule(_ResizedImagesDataModule):
 
     Args:
         root: folder that holds (or will hold) ``gtsrb/``.
-        batch_size: per process (SPEC §7: 128).
+        batch_size: per process (docs/method.md §7: 128).
         eval_protocols: validation / test splits, in order (predict: the first).
         image_size: output side S in pixels.
         download: let torchvision download the missing splits in ``prepare_data``.
@@ -412,7 +413,7 @@ class SVHNDataModule(_SingleObjectDataModule):
 
     Args:
         root: folder holding the ``.mat`` files.
-        batch_size: per process (SPEC §7: 128).
+        batch_size: per process (docs/method.md §7: 128).
         eval_protocols: SVHN files for validation / test, in order (predict: the first).
         splits: SVHN files concatenated into the training set; each must exist.
         download: let torchvision download the missing files in ``prepare_data``.

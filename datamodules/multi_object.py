@@ -1,4 +1,4 @@
-"""HDF5-backed DataModules for the multi-object benchmarks (SPEC §7, §8).
+"""HDF5-backed DataModules for the multi-object benchmarks (docs/method.md §7, §8).
 
 One HDF5 file per dataset, written by ``dti-sprites-data convert`` (root keys ``image``
 (N, H, W, 3) uint8, ``mask`` (N, H, W) uint8 label map, ``semantic`` (N, H, W) uint8, attribute
@@ -114,7 +114,7 @@ class MultiObjectDataModule(DTIDataModule):
         heldout_size: up to this many records after the training range are ``heldout``.
         in_memory: read each split into uint8 numpy arrays at ``setup``.
         download: in ``prepare_data``, when ``path`` is missing, fetch the public TFRecord
-            next to it and convert it (``download_base_url`` + SPEC §8 path).
+            next to it and convert it (``download_base_url`` + docs/method.md §8 path).
         generate: in ``prepare_data``, when ``path`` is missing and this is > 0, write that
             many synthetic records (``synth.write_synthetic``) and convert them (CLEVR6
             keeps the scenes that pass its filter, so fewer). Exclusive with ``download``.
@@ -374,7 +374,7 @@ class MultiDSpritesDataModule(MultiObjectDataModule):
 
 
 class CLEVR6DataModule(MultiObjectDataModule):
-    """CLEVR6 (128×128 after the SPEC §8 crop and resize; ≤ 6 objects).
+    """CLEVR6 (128×128 after the docs/method.md §8 crop and resize; ≤ 6 objects).
 
     Semantic classes: background + shape × material (cube, sphere, cylinder × rubber, metal) =
     7, as the converter writes ``semantic`` (``decode.entity_classes``) and as the authors count.

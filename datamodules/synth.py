@@ -1,4 +1,4 @@
-"""Generated data in the exact DeepMind encoding (SPEC §8), for tests, demos and benchmarks.
+"""Generated data in the exact DeepMind encoding (docs/method.md §8): tests, demos, benchmarks.
 
 - Tetrominoes: pixel-faithful (``render_tetrominoes`` reproduces the real records exactly).
 - Multi-dSprites (all three variants): procedural squares, ellipses and hearts with dSprites
@@ -23,10 +23,10 @@ from typing import BinaryIO, Literal
 
 import numpy as np
 
-from dti_sprites.datamodules.atomic import atomic_output
 from dti_sprites.datamodules.catalog import Schema, get_schema
 from dti_sprites.datamodules.tf_example import FeatureValue, encode_example
 from dti_sprites.datamodules.tfrecord import frame_record
+from dti_sprites.io import atomic_write
 
 __all__ = [
     "BLOCK_INTENSITY",
@@ -51,9 +51,9 @@ Record = dict[str, np.ndarray]
 # Tetrominoes
 # --------------------------------------------------------------------------------------------
 
-# The dataset's shape ids. 2, 3, 5-7, 9-19 are seen in the real records (SPEC §8); the three
-# missing ones follow the dataset's grouping: 1-2 I, 3-6 the 3-wide L/J, 7-10 the 2-wide L/J,
-# 11-14 S/Z, 15-18 T, 19 O. So 1 is the horizontal I, 4 the 3-wide J `#../###` and 8 the
+# The dataset's shape ids. 2, 3, 5-7, 9-19 are seen in the real records (docs/method.md §8); the
+# three missing ones follow the dataset's grouping: 1-2 I, 3-6 the 3-wide L/J, 7-10 the 2-wide
+# L/J, 11-14 S/Z, 15-18 T, 19 O. So 1 is the horizontal I, 4 the 3-wide J `#../###` and 8 the
 # 2-wide J `.#/.#/##`.
 TETROMINO_SHAPES: dict[int, tuple[str, ...]] = {
     1: ("####",),
@@ -114,7 +114,7 @@ def render_tetrominoes(
     y: np.ndarray,
     size: int = _TETROMINO_SIZE,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Render pieces exactly as DeepMind's Tetrominoes (SPEC §8).
+    """Render pieces exactly as DeepMind's Tetrominoes (docs/method.md §8).
 
     Args:
         shapes: (P,) shape ids 1..19.
@@ -534,7 +534,7 @@ def write_examples(
     compression: Literal["gzip", "zlib", "none"] = "gzip",
 ) -> int:
     """Atomically write ``examples`` as a TFRecord file; returns the number of records."""
-    with atomic_output(path) as partial, TFRecordWriter(partial, compression) as writer:
+    with atomic_write(path) as partial, TFRecordWriter(partial, compression) as writer:
         for example in examples:
             writer.write_example(example)
     return writer.count

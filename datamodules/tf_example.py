@@ -1,4 +1,4 @@
-"""The ``tf.train.Example`` codec of DeepMind's records (SPEC §8), without TensorFlow.
+"""The ``tf.train.Example`` codec of DeepMind's records (docs/method.md §8), without TensorFlow.
 
 A record's data is a serialised ``tf.train.Example``::
 

@@ -1,4 +1,4 @@
-"""TFRecord container reader (SPEC §8): record framing, CRC-32C checks, GZIP / ZLIB streams.
+"""TFRecord container reader (docs/method.md §8): record framing, CRC-32C checks, GZIP / ZLIB.
 
 Every record is ``uint64 length | uint32 masked_crc32c(length) | data[length] |
 uint32 masked_crc32c(data)``, little-endian, where ``crc32c`` is CRC-32C (Castagnoli) and

@@ -2,16 +2,26 @@
 
 One LightningCLI serves ``dti-sprites``, ``python -m dti_sprites`` and the ``lightning``
 console script (for those four subcommands; anything else goes to lightning-sdk's CLI).
+
+Everything a run writes goes under one root, ``--trainer.default_root_dir`` (see
+:func:`place_run_outputs`).
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import netrc
 import os
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import urlparse
 
+from jsonargparse import Namespace
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import WandbLogger
 
 import dti_sprites.callbacks  # registers the callback classes for short names
 import dti_sprites.datamodules  # noqa: F401
@@ -40,6 +50,42 @@ def wandb_offline_fallback() -> None:
         print("W&B: no login found, logging offline (sync later with `wandb sync`).")
 
 
+def _configured(value: object) -> Iterator[tuple[type, Namespace]]:
+    """(class, init_args) of each ``class_path`` entry of a parsed logger or callbacks value."""
+    for entry in value if isinstance(value, list) else [value]:
+        if isinstance(entry, Namespace) and isinstance(entry.get("init_args"), Namespace):
+            module, _, name = entry.class_path.rpartition(".")
+            yield getattr(importlib.import_module(module), name), entry.init_args
+
+
+def place_run_outputs(config: Namespace) -> None:
+    """Put everything the run writes under its root, ``trainer.default_root_dir``, in place.
+
+    ``config`` is a parsed ``fit``/``validate``/``test``/``predict`` config. The root defaults to
+    the working directory, as in Lightning. Values the config sets explicitly are kept; otherwise:
+
+    - a logger whose ``save_dir`` is left at its default (WandbLogger's ``.``) saves in the root
+      (W&B: ``<root>/wandb/``), and a W&B run without a ``name`` is named after the root's last
+      folder (``runs/tetrominoes`` → ``tetrominoes``);
+    - a ``ModelCheckpoint`` without ``dirpath`` writes ``<root>/checkpoints/``: one fixed folder
+      per root, so ``--ckpt_path=last`` finds this root's ``last.ckpt`` (Lightning's default
+      folder holds the logger's version, new in every run);
+    - the dashboard's pictures and tables, ``predictions.h5`` and ``config.yaml`` follow the
+      logger into the root (:func:`~dti_sprites.callbacks.run_dir`).
+    """
+    trainer = config.trainer
+    root = Path(trainer.default_root_dir or ".")
+    for cls, init_args in _configured(trainer.logger):
+        save_dir = inspect.signature(cls).parameters.get("save_dir")
+        if save_dir is not None and init_args.get("save_dir") == save_dir.default:
+            init_args.save_dir = str(root)
+        if issubclass(cls, WandbLogger) and init_args.get("name") is None and root.name:
+            init_args.name = root.name
+    for cls, init_args in _configured(trainer.callbacks):
+        if issubclass(cls, ModelCheckpoint) and init_args.get("dirpath") is None:
+            init_args.dirpath = str(root / "checkpoints")
+
+
 class DTISpritesCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # Always present; writes <run dir>/predictions.h5 during `predict` only.
@@ -47,6 +93,7 @@ class DTISpritesCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand else self.config
+        place_run_outputs(config)
         if "WandbLogger" in str(config.get("trainer", {}).get("logger")):
             wandb_offline_fallback()
 

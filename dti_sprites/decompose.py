@@ -26,8 +26,8 @@ layer, ``null`` for the empty sprite; per layer the selected transformation para
 ``Decomposition.params``, ``layer/*`` always and ``sprite/*`` for a non-empty layer; the
 background index and its parameters).
 
-Outputs are atomic: predictions.h5 is written under ``<out>.partial`` and renamed at the end; the
-PNG and JSON files are staged in a hidden folder next to DIR and moved into DIR at the end
+Outputs are atomic: predictions.h5 is written under ``<out>.partial`` and renamed at the end;
+the PNG and JSON files are staged in a hidden folder next to DIR and moved into DIR at the end
 (existing files of the same name are replaced, others are kept); nothing is left behind when an
 error stops the run.
 """

@@ -1,4 +1,5 @@
-"""Evaluation metrics of DTI-Sprites (SPEC §9) as DDP-safe ``torchmetrics.Metric`` classes.
+"""Evaluation metrics of DTI-Sprites (docs/method.md §9), as DDP-safe ``torchmetrics.Metric``
+classes.
 
 Shapes (B batch, H×W image; label maps may have any trailing shape ``(B, *)`` as long as
 prediction and target agree):
@@ -255,9 +256,11 @@ class SemanticScores(_ConfusionMetric):
     code does (Hungarian over the full matrix; their ``_nobkg`` scores re-match after deleting
     the background row and column, which forgives objects predicted as background: we keep one
     matching instead). Clusters left unmatched (more clusters than classes) count as wrong.
-    Means run over the classes present in the ground truth: a class absent from the target has
-    no accuracy (the authors' ``nan_to_num`` counts it as 0, which only differs on subsets where
-    some class never occurs).
+    Means skip only undefined (0/0) values: a class absent from the target has no accuracy and
+    is left out of ``macc``; its IoU is 0 when its matched cluster predicted pixels (the union
+    is not empty) and undefined, left out of ``miou``, only when it has no predicted pixel
+    either. (The authors' ``nan_to_num`` counts every 0/0 as 0, which only differs on subsets
+    where some class never occurs.)
 
     Args:
         num_classes: ground-truth classes including background.
@@ -271,17 +274,17 @@ class SemanticScores(_ConfusionMetric):
 
     def compute(self) -> dict[str, Tensor]:
         true, tp, predicted_as = self._matched()  # (C,) each
-        present = true > 0  # (C,)
-        acc = tp / true  # (C,), NaN where absent
-        iou = tp / (true + predicted_as - tp)  # (C,)
-        foreground = present.clone()
+        acc = tp / true  # (C,), NaN (0/0) where the class is absent from the target
+        iou = tp / (true + predicted_as - tp)  # (C,), NaN (0/0) where the union is empty
+        has_acc, has_iou = ~acc.isnan(), ~iou.isnan()  # (C,)
+        foreground = torch.ones_like(has_acc)
         foreground[0] = False
         return {
             "global_acc": tp.sum() / true.sum(),
-            "macc": acc[present].mean(),
-            "miou": iou[present].mean(),
-            "macc_nobg": acc[foreground].mean(),
-            "miou_nobg": iou[foreground].mean(),
+            "macc": acc[has_acc].mean(),
+            "miou": iou[has_iou].mean(),
+            "macc_nobg": acc[has_acc & foreground].mean(),
+            "miou_nobg": iou[has_iou & foreground].mean(),
         }
 
 

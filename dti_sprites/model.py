@@ -76,7 +76,7 @@ class Decomposition:
         return (self.sprite_choice >= 0).sum(1)
 
     def instance(self) -> Tensor:
-        """Instance labels (B, H, W): 0 = background, l + 1 = layer l (SPEC §9).
+        """Instance labels (B, H, W): 0 = background, l + 1 = layer l (docs/method.md §9).
 
         Computed once (``semantic``, ``instance_fg`` and the metrics all start from it)."""
         if self._instance is None:
@@ -302,6 +302,22 @@ class DTISprites(nn.Module):
             param[i_dst] = param[i_src]
         self.sprites.appearance[dst] += noise.to(self.sprites.appearance)
         return pairs
+
+    def to_canvas(self, stacks: Tensor, params: dict[str, Tensor]) -> Tensor:
+        """Image-space stacks of each layer back into the sprite canvas (the inverse warp).
+
+        stacks (B, L, C', H, W), e.g. the input image or a layer's support repeated per layer;
+        params: a :class:`Decomposition`'s ``params`` (its ``layer/*`` entries, (B, L, P)).
+        Returns (B, L, C', h, w): what each layer's transformation would have to draw there.
+        Undoes the geometry of the layer transformations only (see
+        ``TransformSequence.inverse``); sprite transformations and colour are not undone.
+        """
+        b, n_layers = stacks.shape[:2]
+        layer_p = [params.get(f"layer/{name}") for name in self.layer_transforms.names]
+        layer_p = [None if p is None else p.reshape(b * n_layers, -1) for p in layer_p]
+        flat = stacks.reshape(b * n_layers, 1, *stacks.shape[2:])  # (B·L, 1, C', H, W)
+        canvas = self.layer_transforms.inverse(flat, layer_p)  # (B·L, 1, C', h, w)
+        return canvas.view(b, n_layers, *canvas.shape[2:])  # (B, L, C', h, w)
 
     # ------------------------------------------------------------------------------ forward
     @property

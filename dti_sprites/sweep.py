@@ -1,4 +1,5 @@
-"""``dti-sprites-sweep k``: the final training loss against the number of sprites K (SPEC §10).
+"""``dti-sprites-sweep k``: the final training loss against the number of sprites K
+(docs/method.md §10).
 
     dti-sprites-sweep k --config experiments/tetrominoes.yaml --k 10 15 19 25 30
         [--out DIR] [--window N] [any `dti-sprites fit` override, e.g. --trainer.max_steps=5000]
@@ -32,7 +33,6 @@ import copy
 import csv
 import json
 import math
-import os
 import sys
 from collections import deque
 from collections.abc import Sequence
@@ -45,6 +45,8 @@ import torch
 import yaml
 from jsonargparse.typing import PositiveInt
 from PIL import Image, ImageDraw, ImageFont
+
+from dti_sprites.io import atomic_write
 
 __all__ = [
     "FinalTrainingLoss",
@@ -90,10 +92,8 @@ class FinalTrainingLoss(L.Callback):
             return
         record = {"k": int(pl_module.model.sprites.n_sprites), "final_loss": mean,
                   "steps": int(trainer.global_step), "window": len(self.losses)}  # fmt: skip
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, self.path)
+        with atomic_write(self.path) as tmp:
+            tmp.write_text(json.dumps(record))
 
 
 # -------------------------------------------------------------------------------- elbow rule
@@ -141,13 +141,10 @@ def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> list[dict[str, Any]
     at = elbow(ks, losses)
     full = [{**r, "distance": float(d), "elbow": int(r["k"] == at)}
             for r, d in zip(rows, distance, strict=True)]  # fmt: skip
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_write(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(full)
-    os.replace(tmp, path)
     return full
 
 
@@ -208,9 +205,8 @@ def plot_sweep(
 
 
 def _save_png(image: Image.Image, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        image.save(tmp, format="PNG")
 
 
 # ----------------------------------------------------------------------------------- command
@@ -265,8 +261,9 @@ def run_config(config: dict[str, Any], folder: Path, run_name: str) -> dict[str,
     """The config of one run of a sweep: a copy of ``config`` whose outputs go to ``folder``.
 
     Loggers (W&B, CSV, TensorBoard) save under ``folder`` and the W&B run is named
-    ``run_name``; every ModelCheckpoint writes to ``folder/checkpoints`` (the experiment configs
-    fix one checkpoint folder per experiment, which every K would otherwise share).
+    ``run_name``; every ModelCheckpoint writes to ``folder/checkpoints``. (The fit's
+    ``--trainer.default_root_dir=folder`` alone does this for the experiment configs; a config
+    that fixes a folder itself would otherwise make every K share it.)
     """
     config = copy.deepcopy(config)
     trainer = config.get("trainer") or {}

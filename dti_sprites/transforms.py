@@ -74,8 +74,22 @@ class AffineFamily(Transformation):
         raise NotImplementedError
 
     def forward(self, x: Tensor, params: Tensor) -> Tensor:
-        theta = self.theta(params)  # (N, 2, 3)
-        grid = pixel_grid(self.out_size, params) @ theta[:, None, :, :2].transpose(-1, -2)
+        return self._sample(x, self.theta(params), self.out_size)
+
+    def inverse(self, y: Tensor, params: Tensor, in_size: tuple[int, int]) -> Tensor:
+        """Output-space stacks back to input coordinates: (N, S, C', H', W') -> (N, S, C', h, w).
+
+        Samples y at θ⁻¹(q) for every input pixel q (zero outside the output).
+        """
+        theta = self.theta(params)  # (N, 2, 3): output -> input coordinates
+        a_inv = torch.linalg.inv(theta[:, :, :2])  # (N, 2, 2)
+        t_inv = -(a_inv @ theta[:, :, 2:])  # (N, 2, 1)
+        return self._sample(y, torch.cat([a_inv, t_inv], 2), in_size)
+
+    @staticmethod
+    def _sample(x: Tensor, theta: Tensor, size: tuple[int, int]) -> Tensor:
+        """x sampled at θ·[p, 1] for every pixel p of a ``size`` grid. θ (N, 2, 3)"""
+        grid = pixel_grid(size, theta) @ theta[:, None, :, :2].transpose(-1, -2)
         grid = grid + theta[:, None, None, :, 2]  # (N, H', W', 2)
         return warp(x, grid)
 
@@ -260,6 +274,7 @@ class TransformSequence(nn.Module):
     ) -> None:
         super().__init__()
         self.names = list(names)
+        self.in_size = in_size
         if in_size != out_size and "position" not in self.names:
             raise ValueError(
                 f"a sequence from {in_size} to {out_size} needs a 'position' module: {self.names}"
@@ -276,6 +291,32 @@ class TransformSequence(nn.Module):
 
     def __len__(self) -> int:
         return len(self.names)
+
+    def inverse(self, y: Tensor, params: Sequence[Tensor | None]) -> Tensor:
+        """Undo the geometry of the active modules: output-space stacks (N, S, C', H, W) back to
+        input coordinates (N, S, C', h, w), e.g. a layer's pixels into its sprite's canvas.
+
+        Colour is not undone (every channel is moved, none recoloured). Only the affine family
+        (``position``, ``similarity``, ``affine``) can be inverted in closed form; an active
+        ``projective`` or ``tps`` module raises ``NotImplementedError``.
+        """
+        sizes = [self.in_size]
+        for transform in self.transforms[:-1]:
+            sizes.append(transform.out_size)
+        steps = list(zip(self.transforms, params, sizes, strict=True))
+        for transform, p, in_size in reversed(steps):
+            if p is None and isinstance(transform, PositionTransform):
+                p = y.new_zeros(len(y), transform.n_params)
+            if p is None or isinstance(transform, ColorTransform):
+                continue
+            if not isinstance(transform, AffineFamily):
+                raise NotImplementedError(
+                    f"{type(transform).__name__} has no closed-form inverse; sprite seeding "
+                    "needs layer transformations of the affine family (position, similarity, "
+                    "affine) and colour"
+                )
+            y = transform.inverse(y, p, in_size)
+        return y
 
     def set_active(self, n: int) -> None:
         """Switch on the first ``n`` modules (curriculum)."""

@@ -1,12 +1,29 @@
+import json
+import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
+import torch
+import wandb
+import yaml
 
 from dti_sprites.cli import main
 
 DEMO = str(Path(__file__).parents[2] / "experiments" / "demo.yaml")
+
+
+def script(name: str) -> str:
+    """The console script ``name`` of the running interpreter's environment (not found on PATH,
+    so the tests pass without an activated venv)."""
+    folder = sysconfig.get_path("scripts")
+    path = shutil.which(name, path=folder)
+    if path is None:
+        pytest.fail(f"console script {name!r} not found in {folder}: install the package into "
+                    f"the environment of {sys.executable} (pip install -e .)")  # fmt: skip
+    return path
 
 
 def run(*args):
@@ -14,17 +31,17 @@ def run(*args):
 
 
 def test_console_scripts_show_help_and_print_config():
-    help_ = run("dti-sprites", "--help")
+    help_ = run(script("dti-sprites"), "--help")
     assert help_.returncode == 0 and "{fit,validate,test,predict}" in help_.stdout
     module = run(sys.executable, "-m", "dti_sprites", "fit", "--help")
     assert module.returncode == 0 and "--model.lr" in module.stdout
-    config = run("lightning", "fit", "--config", DEMO, "--print_config")
+    config = run(script("lightning"), "fit", "--config", DEMO, "--print_config")
     assert config.returncode == 0, config.stderr
     assert "n_sprites: 19" in config.stdout and "TetrominoesDataModule" in config.stdout
 
 
 def test_lightning_forwards_other_subcommands_or_says_why_not():
-    result = run("lightning", "login")
+    result = run(script("lightning"), "login")
     try:
         import lightning_sdk  # noqa: F401
     except ImportError:
@@ -55,3 +72,55 @@ def test_sprite_canvas_larger_than_the_image_is_rejected_before_training(tmp_pat
     with pytest.raises(ValueError, match="sprite_size"):
         main(["fit", "--config", DEMO, "--model.model.init_args.sprite_size=40",
               f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false"])  # fmt: skip
+
+
+def test_two_roots_share_nothing_and_last_resumes_its_own_root(
+    experiment_data, tmp_path, monkeypatch
+):
+    """--trainer.default_root_dir alone places everything a run writes (checkpoints, W&B files,
+    pictures, config.yaml), and --ckpt_path=last resumes from that root's last.ckpt."""
+    cwd, home = tmp_path / "cwd", tmp_path / "wandb_home"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)  # the configs' paths were relative to the working directory
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for var in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
+        monkeypatch.setenv(var, str(home / var.lower()))
+
+    def fit(root, steps, *extra):
+        # FinalTrainingLoss records the global step and how many steps this process trained.
+        record = {"class_path": "dti_sprites.sweep.FinalTrainingLoss",
+                  "init_args": {"path": str(root / "record.json"), "window": 100}}  # fmt: skip
+        try:
+            main(["fit", "--config", DEMO,
+                  f"--data.init_args.path={experiment_data['TetrominoesDataModule']}",
+                  "--data.init_args.batch_size=2", f"--trainer.default_root_dir={root}",
+                  f"--trainer.max_steps={steps}", "--trainer.enable_progress_bar=false",
+                  "--trainer.enable_model_summary=false",
+                  f"--trainer.callbacks+={json.dumps(record)}", *extra])  # fmt: skip
+        finally:
+            wandb.finish()  # one W&B run per fit, as in separate processes
+        return json.loads((root / "record.json").read_text())
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert (fit(a, 2)["steps"], fit(b, 3)["steps"]) == (2, 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "cwd", "wandb_home"]
+    assert not list(cwd.iterdir())  # nothing in the working directory
+    for root in (a, b):
+        assert (root / "checkpoints" / "last.ckpt").is_file()
+        assert len(list((root / "wandb").glob("offline-run-*"))) == 1
+        (images,) = root.glob("dti-sprites/*/images")  # the W&B run's folder
+        assert (images / "decompositions.png").is_file() and (images / "sprites.png").is_file()
+        saved = yaml.safe_load((root / "config.yaml").read_text())["trainer"]
+        assert saved["default_root_dir"] == str(root)
+        assert saved["logger"]["init_args"]["save_dir"] == str(root)
+        assert saved["logger"]["init_args"]["name"] == root.name  # the W&B run's name
+        (checkpoint,) = [c for c in saved["callbacks"] if c["class_path"].endswith("Checkpoint")]
+        assert checkpoint["init_args"]["dirpath"] == str(root / "checkpoints")
+
+    b_last = (b / "checkpoints" / "last.ckpt").read_bytes()
+    # Resumed from a's step 2 (b's last.ckpt is at step 3, a fresh start would train 3 steps).
+    resumed = fit(a, 3, "--ckpt_path=last")
+    assert (resumed["steps"], resumed["window"]) == (3, 1)
+    assert torch.load(a / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+    assert (b / "checkpoints" / "last.ckpt").read_bytes() == b_last

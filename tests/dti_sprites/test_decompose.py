@@ -10,6 +10,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from dti_sprites.decompose import main
+from dti_sprites.io import partial_path
 from dti_sprites.model import DTISprites
 from dti_sprites.module import DTISpritesModule
 
@@ -79,7 +80,7 @@ def test_hdf5_input_gives_the_model_arrays_pngs_and_json(tmp_path, ckpt, channel
                                                   list(range(5)))  # fmt: skip
         assert f.attrs["input"] == str(tmp_path / "in.h5")
         assert json.loads(f.attrs["model_config"])["n_sprites"] == 3
-    assert not (tmp_path / "pred" / "predictions.h5.partial").exists()
+    assert not partial_path(tmp_path / "pred" / "predictions.h5").exists()
 
     names = sorted(p.name for p in png.iterdir())
     assert len(names) == 5 * (2 + 1 + 1)  # 2 layers, reconstruction, json per image
@@ -135,7 +136,7 @@ def test_errors_name_the_path_and_leave_no_output(tmp_path, ckpt, capsys):
         argv = ["--ckpt", str(ckpt_path), "--input", str(source), "--out", str(out),
                 "--png", str(png)]  # fmt: skip
         assert main(argv) == 1
-        assert not out.exists() and not out.with_name(out.name + ".partial").exists()
+        assert not out.exists() and not partial_path(out).exists()
         assert not png.exists() and not list(tmp_path.glob(".png.tmp-*"))
         return capsys.readouterr().err
 

@@ -210,7 +210,7 @@ def test_semantic_scores_match_background_freely_and_jointly() -> None:
     assert metric.compute()["global_acc"].item() == pytest.approx(79 / 100, abs=1e-12)
 
 
-def test_semantic_scores_more_classes_than_clusters_and_absent_classes() -> None:
+def test_semantic_scores_more_classes_than_clusters() -> None:
     metric = SemanticScores(num_classes=3, num_clusters=2)
     metric.update(*from_confusion([[10, 0, 0], [0, 5, 3]]))
     scores = metric.compute()  # class B is never predicted: TP 0, acc 0, IoU 0
@@ -219,12 +219,31 @@ def test_semantic_scores_more_classes_than_clusters_and_absent_classes() -> None
     assert scores["miou"].item() == pytest.approx((1 + 5 / 8 + 0) / 3)
     assert scores["miou_nobg"].item() == pytest.approx((5 / 8 + 0) / 2)
 
-    absent = SemanticScores(num_classes=3)  # class B never occurs in the target
+
+def test_semantic_scores_class_absent_from_the_target_with_predicted_pixels_has_iou_0() -> None:
+    # Class B never occurs in the target, but cluster 2, matched to it, predicts 2 pixels: its
+    # union is not empty, so its IoU is 0/2 = 0 and counts; its accuracy (0/0) is undefined.
+    absent = SemanticScores(num_classes=3)
     absent.update(*from_confusion([[10, 0, 0], [0, 5, 0], [2, 0, 0]]))
+    assert hungarian_match(absent.confusion).tolist() == [0, 1, 2]
     scores = absent.compute()
     assert scores["macc"].item() == pytest.approx((10 / 12 + 1) / 2)
-    assert scores["miou"].item() == pytest.approx((10 / 12 + 1) / 2)
+    assert scores["miou"].item() == pytest.approx((10 / 12 + 1 + 0) / 3)
     assert scores["macc_nobg"].item() == pytest.approx(1.0)
+    assert scores["miou_nobg"].item() == pytest.approx((1 + 0) / 2)
+
+
+def test_semantic_scores_class_absent_from_target_and_prediction_is_left_out() -> None:
+    # Class B occurs nowhere and its cluster 2 predicts nothing: IoU 0/0, left out of the means.
+    absent = SemanticScores(num_classes=3)
+    absent.update(*from_confusion([[10, 0, 0], [2, 5, 0], [0, 0, 0]]))
+    assert hungarian_match(absent.confusion).tolist() == [0, 1, 2]
+    scores = absent.compute()
+    iou = [10 / (12 + 10 - 10), 5 / (5 + 7 - 5)]  # background, A
+    assert scores["macc"].item() == pytest.approx((10 / 12 + 1) / 2)
+    assert scores["miou"].item() == pytest.approx(sum(iou) / 2)
+    assert scores["macc_nobg"].item() == pytest.approx(1.0)
+    assert scores["miou_nobg"].item() == pytest.approx(iou[1])
 
 
 def test_semantic_scores_reject_out_of_range_labels() -> None:

@@ -6,7 +6,7 @@ from dti_sprites.compose import compose
 from dti_sprites.model import Decomposition, DTISprites
 from dti_sprites.transforms import GroupedMLP
 
-# Small versions of the paper's configurations (SPEC §7).
+# Small versions of the paper's configurations (docs/method.md §7).
 CONFIGS = {
     "tetrominoes": dict(image_size=20, n_sprites=4, n_layers=3, n_backgrounds=0, sprite_size=12,
                         mask_std=3),

@@ -7,6 +7,7 @@ import torch
 
 from dti_sprites.callbacks import PredictionWriter
 from dti_sprites.datamodules.hdf5 import HDF5Writer
+from dti_sprites.io import partial_path
 from dti_sprites.model import DTISprites
 from dti_sprites.module import DTISpritesModule
 
@@ -119,11 +120,12 @@ def test_predict_writes_predictions_h5(tmp_path, squares):
     with h5py.File(tmp_path / "predictions.h5") as f:
         assert f["reconstruction"].shape == (6, 20, 20, 3) and f["reconstruction"].dtype == "uint8"
         assert f["instance"].shape == (6, 20, 20) and f["instance"].dtype == "uint8"
+        assert f["instance_fg"].shape == (6, 20, 20) and f["instance_fg"].dtype == "uint8"
         assert f["semantic"].dtype == "uint8" and f["semantic"][()].max() <= 3
         assert f["layers"].shape == (6, 2, 20, 20, 4) and f["layers"].dtype == "uint8"
         assert f["sprite_choice"].shape == (6, 2) and f["sprite_choice"].dtype == "int16"
         assert f["index"][()].tolist() == list(range(6))
-    assert not (tmp_path / "predictions.h5.partial").exists()
+    assert not partial_path(tmp_path / "predictions.h5").exists()
 
 
 def test_model_rebuilds_from_a_training_checkpoint(tmp_path, squares):
@@ -159,4 +161,4 @@ def test_a_failed_prediction_write_keeps_the_previous_file(tmp_path, squares, mo
             module, data, return_predictions=False
         )
     assert (tmp_path / "predictions.h5").read_bytes() == good  # the earlier file is intact
-    assert not (tmp_path / "predictions.h5.partial").exists()  # and no half file is left
+    assert not partial_path(tmp_path / "predictions.h5").exists()  # and no half file is left

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from dti_sprites.model import DTISprites
 from dti_sprites.sprites import softclip
 from dti_sprites.transforms import (
     ColorTransform,
@@ -148,3 +149,43 @@ def test_only_position_resizes():
         make_transform("tps", (8, 8), (16, 16))
     with pytest.raises(ValueError, match="needs a 'position' module"):
         TransformSequence(["color"], 1, 4, (8, 8), (16, 16))
+
+
+def test_to_canvas_of_a_known_translation_and_scale_returns_the_crop():
+    # A 20×20 image, a 5×5 canvas drawn at scale 2 (s = 0: one canvas pixel covers 2×2 image
+    # pixels) with its top-left corner at row 3, column 6: t = 1 − offset/5 in each axis.
+    model = DTISprites(image_size=20, n_sprites=2, n_layers=2, sprite_size=5,
+                       layer_transforms=["color", "position"])  # fmt: skip
+    torch.manual_seed(0)
+    crop = torch.rand(3, 5, 5)
+    image = torch.zeros(3, 20, 20)
+    image[:, 3:13, 6:16] = crop.repeat_interleave(2, 1).repeat_interleave(2, 2)
+    position = torch.tensor([[[0.0, 1 - 6 / 5, 1 - 3 / 5], [0.0, 0.0, 0.0]]])  # (B=1, L, 3)
+    params = {"layer/color": torch.randn(1, 2, 6), "layer/position": position}
+    canvas = model.to_canvas(image[None, None].expand(1, 2, 3, 20, 20), params)
+    assert canvas.shape == (1, 2, 3, 5, 5)
+    torch.testing.assert_close(canvas[0, 0], crop)  # colour is not undone
+    # Layer 1 sits at the initial placement (centred): the centre of the image.
+    # Layer 1 sits at the initial placement, centred: the means of the 2×2 blocks of the
+    # image's centre (bilinear sampling between four pixels).
+    blocks = torch.nn.functional.avg_pool2d(image[None, :, 5:15, 5:15], 2)[0]  # (3, 5, 5)
+    torch.testing.assert_close(canvas[0, 1], blocks)
+
+
+def test_inverse_undoes_a_similarity_warp():
+    # Forward with a rotation + scale + shift, then inverse: a smooth blob comes back (up to
+    # the blur of two bilinear resamplings); without the inverse it would be far off.
+    sequence = TransformSequence(["similarity"], 1, 8, (32, 32), (32, 32))
+    ys, xs = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    x = torch.exp(-((ys - 14) ** 2 + (xs - 17) ** 2) / 18)[None, None, None]  # (1, 1, 1, 32, 32)
+    params = [torch.tensor([[0.1, 0.3, 0.2, -0.1]])]
+    warped = sequence(x, params)
+    assert (warped - x).abs().max() > 0.5
+    back = sequence.inverse(warped, params)
+    assert (back - x).abs().max() < 0.05
+
+
+def test_inverse_refuses_transformations_without_closed_form():
+    sequence = TransformSequence(["tps"], 1, 8, (16, 16), (16, 16))
+    with pytest.raises(NotImplementedError, match="affine family"):
+        sequence.inverse(torch.zeros(1, 1, 1, 16, 16), [torch.zeros(1, 32)])

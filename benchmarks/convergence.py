@@ -1,0 +1,188 @@
+"""How fast a config learns: held-out and paper-320 scores every M steps, as CSV and a plot.
+
+    python benchmarks/convergence.py --config tetrominoes_fast|FILE.yaml [--steps 4000]
+        [--every 500] [--seeds 0 1] [--threads 1] [--data FILE.h5] [--generate N] [--heldout 1000]
+        [--name NAME] [--out benchmarks/convergence] [-- EXTRA CLI ARGUMENTS]
+
+Trains ``experiments/<config>.yaml`` through the project's LightningCLI, callbacks and all
+(its checkpointing, dashboard and logger are left out), for ``--steps`` steps, validating every
+``--every`` steps on both protocols. Every seed runs in its own process (in parallel, with
+``--threads`` threads each: two 1-thread runs use 2 cores best) and writes
+``<out>/<name>/seed<S>.csv`` with one row per validation and protocol:
+
+    step, seconds, protocol, ari_fg, ari, macc, miou, sprites_in_use
+
+(``seconds`` since the start of training, validation included; ``sprites_in_use`` counts the
+sprites chosen by at least 0.2/K0 of the layers since the previous row, the reassignment's
+threshold), ``seed<S>_sprites.png`` (the sprite bank at the end) and, once every seed is done,
+``curves.png`` (the four scores against the step, one line per seed and protocol).
+``--data`` (default: the config's file) is generated with ``--generate`` scenes when missing.
+Arguments after ``--`` go to the CLI, e.g. ``-- --model.lr=1e-3``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import matplotlib
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from dti_sprites.callbacks import SpriteDashboard
+from dti_sprites.cli import DTISpritesCLI
+from dti_sprites.datamodules.base import DTIDataModule
+from dti_sprites.module import DTISpritesModule
+from dti_sprites.viz import save_figure, sprite_figure
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+ROOT = Path(__file__).resolve().parents[1]
+FIELDS = ["step", "seconds", "protocol", "ari_fg", "ari", "macc", "miou", "sprites_in_use"]
+SCORES = ["ari_fg", "ari", "macc", "miou"]
+
+
+class Recorder(L.Callback):
+    """Appends a CSV row per protocol after every validation."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.start = time.perf_counter()
+        self.counts: torch.Tensor | None = None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", newline="") as f:
+            csv.writer(f).writerow(FIELDS)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        choice = outputs["sprite_choice"].flatten().cpu()
+        counts = torch.bincount(choice[choice >= 0], minlength=pl_module.model.sprites.n_sprites)
+        self.counts = counts if self.counts is None else self.counts + counts
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        k0 = pl_module.model.sprites.n_sprites
+        counts = self.counts if self.counts is not None else torch.zeros(k0)
+        in_use = int((counts >= 0.2 / k0 * counts.sum().clamp(min=1)).sum())
+        self.counts = None
+        metrics = trainer.callback_metrics
+        rows = []
+        for protocol in pl_module._protocols():
+            row: dict[str, Any] = {"step": trainer.global_step, "protocol": protocol,
+                                   "seconds": round(time.perf_counter() - self.start, 1),
+                                   "sprites_in_use": in_use}  # fmt: skip
+            for score in SCORES:
+                value = metrics.get(f"val/{protocol}/{score}")
+                row[score] = "" if value is None else round(100 * float(value), 2)
+            rows.append(row)
+        with self.path.open("a", newline="") as f:
+            csv.DictWriter(f, FIELDS).writerows(rows)
+        print(*(f"{r['step']} {r['protocol']}: " + " ".join(f"{s}={r[s]}" for s in SCORES)
+                for r in rows), sep="\n", flush=True)  # fmt: skip
+
+
+def config_path(config: str) -> Path:
+    """``experiments/<config>.yaml``, or ``config`` itself when it is a YAML file's path."""
+    return Path(config) if config.endswith(".yaml") else ROOT / "experiments" / f"{config}.yaml"
+
+
+def build(args: argparse.Namespace, extra: list[str], seed: int, folder: Path) -> DTISpritesCLI:
+    """The config's model, DataModule and trainer, with the harness's settings."""
+    cli_args = [
+        "--config", str(config_path(args.config)),
+        f"--seed_everything={seed}",
+        f"--trainer.max_steps={args.steps}", "--trainer.max_epochs=-1",
+        "--trainer.max_time=null", f"--trainer.val_check_interval={args.every}",
+        "--trainer.check_val_every_n_epoch=null", "--trainer.num_sanity_val_steps=0",
+        "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={folder}", "--data.init_args.num_workers=0",
+        f"--data.init_args.heldout_size={args.heldout}",
+    ]  # fmt: skip
+    if args.data:
+        cli_args.append(f"--data.init_args.path={args.data}")
+    if args.generate:
+        cli_args.append(f"--data.init_args.generate={args.generate}")
+    return DTISpritesCLI(
+        DTISpritesModule,
+        DTIDataModule,
+        subclass_mode_data=True,
+        run=False,
+        save_config_kwargs={"overwrite": True},
+        args=[*cli_args, *extra],
+    )
+
+
+def run_seed(args: argparse.Namespace, extra: list[str], seed: int, folder: Path) -> None:
+    """Train one seed in this process and write its CSV and sprite bank."""
+    torch.set_num_threads(args.threads)
+    cli = build(args, extra, seed, folder)
+    trainer, module = cli.trainer, cli.model
+    skip = (ModelCheckpoint, SpriteDashboard)
+    trainer.callbacks[:] = [c for c in trainer.callbacks if not isinstance(c, skip)]
+    trainer.callbacks.append(Recorder(folder / f"seed{seed}.csv"))
+    trainer.fit(module, cli.datamodule)
+    save_figure(sprite_figure(module.model, zoom=2), folder / f"seed{seed}_sprites.png")
+
+
+def plot(folder: Path, seeds: list[int], title: str) -> Path:
+    """curves.png: the four scores against the step, a line per seed and protocol."""
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6), sharex=True)
+    for seed in seeds:
+        with (folder / f"seed{seed}.csv").open() as f:
+            rows = list(csv.DictReader(f))
+        for protocol, style in (("heldout", "-"), ("paper320", ":")):
+            mine = [r for r in rows if r["protocol"] == protocol and r["ari_fg"] != ""]
+            steps = [int(r["step"]) for r in mine]
+            for ax, score in zip(axes, SCORES, strict=True):
+                values = [float(r[score]) if r[score] else float("nan") for r in mine]
+                ax.plot(steps, values, style, marker=".", label=f"seed {seed} {protocol}")
+    for ax, score in zip(axes, SCORES, strict=True):
+        ax.set(title=score, xlabel="step", ylim=(0, 100))
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = folder / "curves.png"
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--steps", type=int, default=4000)
+    parser.add_argument("--every", type=int, default=500)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--data", default=None, help="default: the config's file")
+    parser.add_argument("--generate", type=int, default=0, help="scenes to generate if missing")
+    parser.add_argument("--heldout", type=int, default=1000)
+    parser.add_argument("--name", default=None, help="default: the config's name")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "convergence")
+    parser.add_argument("--seed", type=int, default=None, help=argparse.SUPPRESS)  # one worker
+    args, extra = parser.parse_known_args()
+    extra = [a for a in extra if a != "--"]
+    folder = args.out / (args.name or config_path(args.config).stem)
+    if args.seed is not None:
+        run_seed(args, extra, args.seed, folder)
+        return
+    build(args, extra, args.seeds[0], folder).datamodule.prepare_data()  # data, once
+    workers = [
+        subprocess.Popen([sys.executable, __file__, "--seed", str(seed), *sys.argv[1:]])
+        for seed in args.seeds
+    ]
+    if any(w.wait() for w in workers):
+        sys.exit("convergence: a seed failed (see its output above)")
+    print(f"wrote {plot(folder, args.seeds, folder.name)}")
+
+
+if __name__ == "__main__":
+    main()

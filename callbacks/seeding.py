@@ -1,0 +1,121 @@
+"""Sprite seeding: masks from the data once the layers are placed, then closed-form refits."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from jsonargparse.typing import NonNegativeInt, PositiveInt
+
+from dti_sprites.seeding import kmeans_masks, layer_crops, refit_masks
+
+
+class SpriteSeeding(L.Callback):
+    """Seeds the sprite masks by k-means over inverse-warped layer supports, then refits them.
+
+    Until step ``at_step`` the sprites are frozen (use this instead of ``SpriteFreeze``), so the
+    network learns to place the layers on the objects. The layer supports of the training
+    batches of the last ``collect_steps`` steps before it are taken into the sprite canvas
+    (:func:`dti_sprites.seeding.layer_crops`); at ``at_step`` k-means over them sets the K0
+    masks and the sprites are unfrozen. Then, every ``refit_every`` steps up to
+    ``refit_until``, each sprite chosen by at least ``min_count`` layers of the last
+    ``collect_steps`` batches gets the mean of their crops as its mask (a Lloyd step through
+    the warp). The masks' optimizer state is reset each time. Rank 0 computes, every rank
+    receives its masks. A departure from the paper's training, for fast convergence: see
+    ``docs/method.md``.
+
+    Args:
+        at_step: training step of the seeding.
+        collect_steps: training batches before each seeding or refit whose layers are used.
+        refit_every: steps between refits after the seeding (0: no refit).
+        refit_until: last step of a refit (default: no limit).
+        min_pixels: smallest layer support that is used, in image pixels.
+        min_count: fewest layers that must have chosen a sprite for its refit.
+        seed: k-means++ seed.
+    """
+
+    def __init__(
+        self,
+        at_step: PositiveInt = 500,
+        collect_steps: PositiveInt = 50,
+        refit_every: NonNegativeInt = 0,
+        refit_until: NonNegativeInt | None = None,
+        min_pixels: NonNegativeInt = 4,
+        min_count: PositiveInt = 10,
+        seed: int = 0,
+    ) -> None:
+        if refit_every and collect_steps > refit_every:
+            raise ValueError(
+                f"SpriteSeeding.collect_steps ({collect_steps}) must not exceed refit_every "
+                f"({refit_every})"
+            )
+        self.at_step, self.collect_steps = int(at_step), int(collect_steps)
+        self.refit_every = int(refit_every)
+        self.refit_until = None if refit_until is None else int(refit_until)
+        self.min_pixels, self.min_count, self.seed = int(min_pixels), int(min_count), int(seed)
+        self.crops: list[torch.Tensor] = []
+        self.choices: list[torch.Tensor] = []
+        self.events: list[dict[str, Any]] = []
+
+    def next_event(self, step: int) -> int | None:
+        """The first seeding or refit step at or after ``step``, None when there is none."""
+        if step <= self.at_step:
+            return self.at_step
+        if not self.refit_every:
+            return None
+        event = self.at_step + -(-(step - self.at_step) // self.refit_every) * self.refit_every
+        return None if self.refit_until is not None and event > self.refit_until else event
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pl_module.model.freeze_sprites(trainer.global_step < self.at_step)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+        batch_idx: int,
+    ) -> None:  # fmt: skip
+        step = trainer.global_step  # steps done, this one included
+        event = self.next_event(step)
+        if event is None or step <= event - self.collect_steps:
+            return
+        if trainer.is_global_zero:
+            crops, choices = layer_crops(pl_module.model, batch["image"], self.min_pixels)
+            self.crops.append(crops.cpu())
+            self.choices.append(choices.cpu())
+        if step == event:
+            self._apply(trainer, pl_module, step)
+
+    def _apply(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
+        model = pl_module.model
+        masks = model.sprites.mask  # (K0, 1, h, w)
+        k0 = len(masks)
+        new = masks.detach().flatten(1).clone()  # (K0, h·w)
+        event: dict[str, Any] = {"step": step, "kind": "seed" if step == self.at_step else "refit"}
+        if trainer.is_global_zero:
+            crops, choices = torch.cat(self.crops), torch.cat(self.choices)
+            event["crops"] = len(crops)
+            if event["kind"] == "seed":
+                new = kmeans_masks(crops, k0, self.seed).to(new)
+            else:
+                means, counts = refit_masks(crops, choices, k0)
+                refit = counts >= self.min_count
+                new[refit] = means[refit].to(new)
+                event["refit"] = int(refit.sum())
+        self.crops, self.choices = [], []
+        new = trainer.strategy.broadcast(new.to(pl_module.device), src=0)
+        with torch.no_grad():
+            masks.copy_(new.view_as(masks))
+        for optimizer in trainer.optimizers:
+            for value in optimizer.state.get(masks, {}).values():
+                if torch.is_tensor(value) and value.shape == masks.shape:
+                    value.zero_()  # moments of the old masks
+        model.freeze_sprites(False)
+        self.events.append(event)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"crops": self.crops, "choices": self.choices, "events": list(self.events)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.crops = list(state_dict["crops"])
+        self.choices = list(state_dict["choices"])
+        self.events = list(state_dict["events"])

@@ -1,0 +1,69 @@
+"""Sprite masks from the data: each layer's pixels, inverse-warped into the sprite canvas.
+
+Once the layer transformations place the layers on the objects, the pixels a layer explains,
+taken back through its own warp (:meth:`DTISprites.to_canvas`), show the shape it covers in
+sprite coordinates. Clustering many such crops (k-means) gives K0 masks at once, and averaging
+the crops of the layers that chose each sprite refits the masks in closed form (a Lloyd step).
+See ``docs/method.md``, "Fast recipe". Plain PyTorch and SciPy; a callback decides when.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy.cluster.vq import kmeans2
+from torch import Tensor
+
+from dti_sprites.model import DTISprites
+
+
+@torch.no_grad()
+def layer_crops(model: DTISprites, image: Tensor, min_pixels: int = 4) -> tuple[Tensor, Tensor]:
+    """The support of every layer instance, in sprite-canvas coordinates.
+
+    A layer's support is the pixels that ``instance_fg`` gives it and that its colour explains
+    better than the background does. The model runs in evaluation mode (no mask noise).
+
+    image (B, C, H, W) in [0, 1]. Returns crops (N, h·w) in [0, 1] and the sprite each of those
+    layers chose (N,) int64, for the N = at most B·L layers with a non-empty sprite and at least
+    ``min_pixels`` support pixels.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(image)
+    finally:
+        model.train(was_training)
+    n_layers = model.n_layers
+    labels = out.instance_fg(image)  # (B, H, W) in 1..L
+    layer_ids = torch.arange(1, n_layers + 1, device=image.device)
+    own = labels[:, None] == layer_ids[None, :, None, None]  # (B, L, H, W)
+    layer_err = (out.layers[:, :, :-1] - image[:, None]).pow(2).sum(2)  # (B, L, H, W)
+    background_err = (out.background - image).pow(2).sum(1)[:, None]  # (B, 1, H, W)
+    support = (own & (layer_err < background_err)).to(image.dtype)  # (B, L, H, W)
+    crops = model.to_canvas(support[:, :, None], out.params).clamp(0, 1)  # (B, L, 1, h, w)
+    keep = (support.flatten(2).sum(2) >= min_pixels) & (out.sprite_choice >= 0)  # (B, L)
+    return crops.flatten(2)[keep], out.sprite_choice[keep]  # (N, h·w), (N,)
+
+
+def kmeans_masks(crops: Tensor, k: int, seed: int = 0) -> Tensor:
+    """k-means (k-means++ start) over crops (N, D) -> k centres (k, D), each in [0, 1].
+
+    Fewer than k crops is an error: each centre needs at least one.
+    """
+    if len(crops) < k:
+        raise ValueError(f"sprite seeding: {len(crops)} layer crops for {k} sprites; need >= {k}")
+    data = crops.detach().double().cpu().numpy()
+    centres, _ = kmeans2(data, k, minit="++", seed=np.random.default_rng(seed))
+    return torch.from_numpy(centres).to(crops).clamp(0, 1)
+
+
+def refit_masks(crops: Tensor, choices: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Closed-form refit: each sprite's mask as the mean crop of the layers that chose it.
+
+    crops (N, D), choices (N,) in [0, k). Returns means (k, D) (zeros where unused) and counts
+    (k,) int64.
+    """
+    counts = torch.bincount(choices, minlength=k)  # (k,)
+    sums = crops.new_zeros(k, crops.shape[1]).index_add_(0, choices, crops)  # (k, D)
+    return sums / counts.clamp(min=1)[:, None].to(crops), counts

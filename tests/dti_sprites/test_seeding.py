@@ -1,0 +1,109 @@
+"""Sprite seeding: layer supports through the inverse warp, k-means and closed-form refits."""
+
+import warnings
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from dti_sprites.callbacks import SpriteSeeding
+from dti_sprites.datamodules.base import DTIDataModule
+from dti_sprites.model import DTISprites
+from dti_sprites.module import DTISpritesModule
+from dti_sprites.seeding import kmeans_masks, layer_crops, refit_masks
+
+# 20×20 images, a 10×10 canvas: at the initial placement (scale 2, centred) one canvas pixel is
+# one image pixel and the canvas covers image pixels 5..14 in both axes.
+MODEL = dict(image_size=20, n_sprites=3, n_layers=2, n_backgrounds=0, sprite_size=10,
+             mask_std=3, layer_transforms=["color", "position"], occlusion="fixed")  # fmt: skip
+PIECE = torch.zeros(10, 10)
+PIECE[2:8, 3:5] = 1  # an L: a vertical bar and a foot
+PIECE[6:8, 5:8] = 1
+
+
+def opaque_model() -> DTISprites:
+    """At init, with opaque masks: the front layer covers the whole canvas area."""
+    torch.manual_seed(0)
+    model = DTISprites(**MODEL)
+    with torch.no_grad():
+        model.sprites.mask.fill_(1.0)
+    return model
+
+
+def scenes(n: int) -> torch.Tensor:
+    """(n, 3, 20, 20): the piece in grey 0.9 (the sprites' colour) at the canvas area, on black."""
+    images = torch.zeros(n, 3, 20, 20)
+    images[:, :, 5:15, 5:15] = 0.9 * PIECE
+    return images
+
+
+def test_layer_crops_of_a_placed_piece_are_the_piece():
+    crops, choices = layer_crops(opaque_model(), scenes(4))
+    # The front layer takes the piece (the back one keeps no pixel and is dropped).
+    assert crops.shape == (4, 100)
+    torch.testing.assert_close(crops, PIECE.flatten().expand(4, -1))
+    assert ((choices >= 0) & (choices < 3)).all()
+
+
+def test_seeding_from_one_repeated_piece_gives_that_piece():
+    crops, _ = layer_crops(opaque_model(), scenes(6))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # k-means warns that identical points leave clusters empty
+        masks = kmeans_masks(crops, k=3)
+    torch.testing.assert_close(masks, PIECE.flatten().expand(3, -1))
+
+
+def test_kmeans_separates_two_shapes_and_needs_enough_crops():
+    other = torch.zeros(10, 10)
+    other[4:6, 1:9] = 1  # a horizontal bar
+    crops = torch.cat([PIECE.flatten().expand(5, -1), other.flatten().expand(5, -1)])
+    masks = kmeans_masks(crops, k=2)
+    assert sorted(m.sum().item() for m in masks) == sorted([PIECE.sum().item(), other.sum().item()])
+    with pytest.raises(ValueError, match="3 layer crops for 4 sprites"):
+        kmeans_masks(crops[:3], k=4)
+
+
+def test_refit_is_the_mean_crop_of_the_layers_that_chose_each_sprite():
+    crops = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    means, counts = refit_masks(crops, torch.tensor([2, 2, 0]), k=3)
+    torch.testing.assert_close(means, torch.tensor([[1.0, 1.0], [0.0, 0.0], [0.5, 0.5]]))
+    assert counts.tolist() == [1, 0, 2]
+
+
+class PieceData(DTIDataModule):
+    """Training batches of the placed piece."""
+
+    image_size = (20, 20)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader([{"image": x} for x in scenes(16)], batch_size=4)
+
+
+def test_callback_freezes_until_it_seeds_then_refits(tmp_path):
+    model = opaque_model()
+    seeding = SpriteSeeding(at_step=3, collect_steps=2, refit_every=2, min_count=1)
+    assert [seeding.next_event(s) for s in (0, 3, 4, 5, 6)] == [3, 3, 5, 5, 7]
+    frozen = []
+
+    class Watch(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            frozen.append(bool(pl_module.model.sprites_frozen))
+
+    trainer = L.Trainer(default_root_dir=tmp_path, max_steps=5, logger=False,
+                        enable_progress_bar=False, enable_checkpointing=False,
+                        enable_model_summary=False, callbacks=[seeding, Watch()])  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(DTISpritesModule(model, lr=1e-9), PieceData())
+    assert frozen == [True, True, True, False, False]
+    assert [(e["step"], e["kind"]) for e in seeding.events] == [(3, "seed"), (5, "refit")]
+    assert seeding.events[0]["crops"] == 8  # 2 batches of 4 images, one layer each
+    masks = model.sprites.mask.detach().flatten(1)
+    torch.testing.assert_close(masks, PIECE.flatten().expand(3, -1), atol=1e-6, rtol=0)
+    assert seeding.state_dict()["crops"] == []
+
+
+def test_collect_window_must_fit_between_refits():
+    with pytest.raises(ValueError, match="collect_steps"):
+        SpriteSeeding(at_step=10, collect_steps=20, refit_every=5)
