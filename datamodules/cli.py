@@ -17,20 +17,13 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from dti_sprites.datamodules.convert import DATASETS, convert
-from dti_sprites.datamodules.schemas import VARIANTS
+from dti_sprites.datamodules.catalog import DATASETS, VARIANTS
+from dti_sprites.datamodules.convert import convert
 from dti_sprites.datamodules.synth import write_synthetic
 
 __all__ = ["build_parser", "main"]
 
-_SYNTH_DATASETS = (
-    "tetrominoes",
-    "multi_dsprites",
-    "clevr_with_masks",
-    "clevr6",
-    "clevr10",
-    "objects_room",
-)
+_SYNTH_DATASETS = sorted({*DATASETS, *VARIANTS})  # ours and DeepMind's names
 _ALL_VARIANTS = sorted({v for variants in VARIANTS.values() for v in variants if v is not None})
 _PROG = "dti-sprites-data"
 
@@ -76,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     variant_help = f"dataset variant ({', '.join(_ALL_VARIANTS)}); default: the paper's"
 
     conv = commands.add_parser("convert", help="convert a DeepMind TFRecord file to HDF5")
-    conv.add_argument("--dataset", required=True, choices=DATASETS)
+    conv.add_argument("--dataset", required=True, choices=list(DATASETS))
     conv.add_argument("--variant", default=None, help=variant_help)
     conv.add_argument("--src", required=True, type=Path, help="source .tfrecords file")
     conv.add_argument("--out", required=True, type=Path, help="output .h5 file")
@@ -95,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     syn.set_defaults(run=_synth)
 
     down = commands.add_parser("download", help="download a public dataset, then convert it")
-    down.add_argument("--dataset", required=True, choices=DATASETS)
+    down.add_argument("--dataset", required=True, choices=list(DATASETS))
     down.add_argument("--variant", default=None, help=variant_help)
     down.add_argument("--root", required=True, type=Path, help="data folder")
     down.add_argument("--base-url", default=None, help="mirror of the DeepMind bucket")

@@ -1,12 +1,13 @@
 """Convert DeepMind multi-object TFRecords to one HDF5 file per dataset (no TensorFlow).
 
-HDF5 layout, at the file root (N converted records, E entities, H×W after the protocol):
+The file has the dataset layout of ``hdf5`` (written with ``hdf5.HDF5Writer``), filled as
+follows (N converted records, E entities, H×W after the protocol):
 
 - ``image``         (N, H, W, 3) uint8 (binarized Multi-dSprites: the grey channel repeated)
 - ``mask``          (N, H, W) uint8 label map: 0 = background (entity 0), k = entity k
 - ``semantic``      (N, H, W) uint8 class map, 0 = background: Tetrominoes the shape id 1..19,
                     Multi-dSprites the shape 1..3 (square, ellipse, heart), CLEVR shape ×
-                    material 1..6 (see ``schemas.entity_classes``); absent for Objects Room
+                    material 1..6 (see ``decode.entity_classes``); absent for Objects Room
 - ``visibility``    (N, E) float32 as stored (Objects Room: derived, 1 where the mask is non-empty)
 - ``source_index``  (N,) int64 record index in the source file
 - every other feature under its source name, (N, *stored shape), stored dtype
@@ -27,95 +28,26 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from dti_sprites.datamodules.schemas import (
-    Schema,
-    decode_example,
-    entity_classes,
-    entity_first_masks,
-    get_schema,
-    resolve_variant,
-)
-from dti_sprites.datamodules.tfrecord import iter_examples
-from dti_sprites.io import atomic_write
+from dti_sprites.datamodules.catalog import DatasetInfo, Protocol, Schema, dataset_info
+from dti_sprites.datamodules.decode import decode_example, entity_classes, entity_first_masks
+from dti_sprites.datamodules.hdf5 import HDF5Writer
+from dti_sprites.datamodules.tf_example import iter_examples
 
-__all__ = [
-    "CONVERTER_VERSION",
-    "DATASETS",
-    "PROTOCOLS",
-    "ConversionSummary",
-    "Protocol",
-    "convert",
-    "h5_name",
-]
+__all__ = ["CONVERTER_VERSION", "ConversionSummary", "convert"]
 
 CONVERTER_VERSION = "1.0"
-DATASETS = ("tetrominoes", "multi_dsprites", "clevr6", "clevr10", "objects_room")
 
 _BATCH_BYTES = 32 << 20  # decoded bytes held per batch
-_CHUNK_BYTES = 64 << 10  # target HDF5 chunk size
-
-
-@dataclass(frozen=True)
-class Protocol:
-    """What a conversion does beyond decoding.
-
-    Attributes:
-        first_n: read only the first ``first_n`` records (``None``: all).
-        max_objects: keep records with ``visibility[1:].sum() <= max_objects`` (``None``: all).
-        crop: (top, bottom, left, right) rows ``top:bottom`` and columns ``left:right``.
-        resize: (H, W) after the crop.
-    """
-
-    first_n: int | None = None
-    max_objects: int | None = None
-    crop: tuple[int, int, int, int] | None = None
-    resize: tuple[int, int] | None = None
-
-    def describe(self, first_n: int | None) -> str:
-        """One line, e.g. ``first 70000 records; keep visibility[1:].sum() <= 6; ...``."""
-        parts = [f"first {first_n} records" if first_n is not None else "all records"]
-        if self.max_objects is not None:
-            parts.append(f"keep visibility[1:].sum() <= {self.max_objects}")
-        if self.crop is not None:
-            top, bottom, left, right = self.crop
-            parts.append(f"crop rows {top}:{bottom} cols {left}:{right}")
-        if self.resize is not None:
-            parts.append(
-                f"resize {self.resize[0]}x{self.resize[1]} (image bilinear align_corners=False "
-                "antialias=False rounded; mask/semantic nearest)"
-            )
-        return "; ".join(parts)
-
-
-_CLEVR_CROP = (29, 221, 64, 256)
-PROTOCOLS: dict[str, Protocol] = {
-    "tetrominoes": Protocol(),
-    "multi_dsprites": Protocol(),
-    "clevr6": Protocol(70_000, 6, _CLEVR_CROP, (128, 128)),
-    "clevr10": Protocol(70_000, None, _CLEVR_CROP, (128, 128)),
-    "objects_room": Protocol(),
-}
-
-_NUM_CLASSES = {"tetrominoes": 20, "multi_dsprites": 4, "clevr_with_masks": 7, "objects_room": 0}
-_SEMANTIC = {
-    "tetrominoes": "shape id 1..19 of the piece (0 = background)",
-    "multi_dsprites": "shape 1 square, 2 ellipse, 3 heart (0 = background)",
-    "clevr_with_masks": "1 + 2*(shape - 1) + (material - 1): shape x material, 1..6 "
-    "(0 = background)",
-    "objects_room": "absent: Objects Room has no object classes",
-}
 
 
 @dataclass(frozen=True)
@@ -142,26 +74,6 @@ class ConversionSummary:
             f"wrote {self.written} to {self.out} in {self.seconds:.1f} s ({rate:.0f} records/s); "
             f"protocol: {self.protocol}"
         )
-
-
-def h5_name(dataset: str, variant: str | None) -> str:
-    """File name of a converted dataset: ``<dataset>[_<variant>].h5``.
-
-    Multi-dSprites always carries its variant (``None`` = ``colored_on_grayscale``); Objects Room
-    carries it except for ``train``; the others have none, e.g. ``tetrominoes.h5``,
-    ``multi_dsprites_colored_on_grayscale.h5``, ``clevr6.h5``, ``objects_room.h5``,
-    ``objects_room_six_objects.h5``.
-    """
-    _check_dataset(dataset)
-    source, variant = resolve_variant(dataset, variant)
-    if variant is None or (source == "objects_room" and variant == "train"):
-        return f"{dataset}.h5"
-    return f"{dataset}_{variant}.h5"
-
-
-def _check_dataset(dataset: str) -> None:
-    if dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
 
 
 class _FileDigest:
@@ -286,15 +198,9 @@ def _process(
     return rows
 
 
-def _output_shapes(
-    schema: Schema, protocol: Protocol
-) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """Per-row shape and dtype of every HDF5 dataset."""
-    h, w = schema.image_size
-    if protocol.crop is not None:
-        h, w = protocol.crop[1] - protocol.crop[0], protocol.crop[3] - protocol.crop[2]
-    if protocol.resize is not None:
-        h, w = protocol.resize
+def _no_rows(info: DatasetInfo, schema: Schema) -> dict[str, np.ndarray]:
+    """Zero rows of every HDF5 dataset (their row shapes and dtypes)."""
+    h, w = info.image_size
     u8 = np.dtype(np.uint8)
     shapes = {"image": ((h, w, 3), u8), "mask": ((h, w), u8)}
     if schema.class_feature is not None:
@@ -305,37 +211,7 @@ def _output_shapes(
         if name != "visibility":
             spec = schema.feature(name)
             shapes[name] = (spec.shape, spec.dtype)
-    return shapes
-
-
-class _H5Rows:
-    """Resizable HDF5 datasets at the file root, appended to batch by batch."""
-
-    def __init__(self, h5: h5py.File, shapes: dict[str, tuple[tuple[int, ...], np.dtype]]) -> None:
-        self.datasets = {}
-        for name, (shape, dtype) in shapes.items():
-            row_bytes = max(int(np.prod(shape)) * dtype.itemsize, 1)
-            chunk_rows = int(np.clip(_CHUNK_BYTES // row_bytes, 1, 4096))
-            self.datasets[name] = h5.create_dataset(
-                name, shape=(0, *shape), maxshape=(None, *shape), dtype=dtype,
-                chunks=(chunk_rows, *shape),
-            )  # fmt: skip
-        self.size = 0
-        self.max_class = 0  # largest class id written to ``semantic``
-
-    def append(self, rows: dict[str, np.ndarray]) -> None:
-        n = len(rows["source_index"])
-        if "semantic" in rows and n:
-            self.max_class = max(self.max_class, int(rows["semantic"].max()))
-        for name, dataset in self.datasets.items():
-            dataset.resize(self.size + n, axis=0)
-            dataset[self.size : self.size + n] = rows[name]
-        self.size += n
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb+") as handle:
-        os.fsync(handle.fileno())
+    return {name: np.empty((0, *shape), dtype) for name, (shape, dtype) in shapes.items()}
 
 
 def convert(
@@ -368,9 +244,9 @@ def convert(
         ValueError: unknown dataset or variant, negative limit, ``out`` equal to ``src``.
         FileNotFoundError: ``src`` does not exist.
     """
-    _check_dataset(dataset)
-    schema = get_schema(dataset, variant)
-    protocol = PROTOCOLS[dataset]
+    info = dataset_info(dataset)
+    schema = info.schema(variant)
+    protocol = info.protocol
     src, out = Path(src), Path(out)
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, not {limit}")
@@ -380,11 +256,9 @@ def convert(
         raise ValueError(f"{out}: the output would overwrite the source")
     first_n = limit if limit is not None else protocol.first_n
     start = time.perf_counter()
-    with atomic_write(out) as temporary:
-        with h5py.File(temporary, "w") as h5:
-            counts, sha256 = _convert_into(h5, schema, protocol, src, first_n, progress)
-            h5.attrs.update(_provenance(dataset, schema, protocol, src, first_n, sha256, counts))
-        _fsync(temporary)
+    with HDF5Writer(out) as writer:
+        counts, sha256 = _convert_into(writer, info, schema, src, first_n, progress)
+        writer.attrs.update(_provenance(info, schema, src, first_n, sha256, counts))
     read, kept, written, _ = counts
     summary = ConversionSummary(
         dataset, schema.variant, src, out, read, kept, read - kept, written,
@@ -401,16 +275,18 @@ def convert(
 
 
 def _convert_into(
-    h5: h5py.File,
+    writer: HDF5Writer,
+    info: DatasetInfo,
     schema: Schema,
-    protocol: Protocol,
     src: Path,
     first_n: int | None,
     progress: bool,
 ) -> tuple[tuple[int, int, int, int], str]:
-    """Stream ``src`` into ``h5``; ((read, kept, written, max class id), source sha256)."""
-    rows = _H5Rows(h5, _output_shapes(schema, protocol))
+    """Stream ``src`` into ``writer``; ((read, kept, written, max class id), source sha256)."""
+    protocol = info.protocol
+    writer.append(_no_rows(info, schema))  # every dataset exists, even if none is kept
     batch = _Batch(schema)
+    max_class = 0  # largest class id written to ``semantic``
     by_records = first_n is not None
     bar = tqdm(
         total=first_n if by_records else src.stat().st_size, unit="rec" if by_records else "B",
@@ -432,19 +308,25 @@ def _convert_into(
             kept += 1
             batch.add(index, record)
             if batch.size == batch.capacity:
-                rows.append(_process(schema, protocol, *batch.take()))
+                max_class = max(max_class, _flush(writer, schema, protocol, batch))
         if batch.size:
-            rows.append(_process(schema, protocol, *batch.take()))
+            max_class = max(max_class, _flush(writer, schema, protocol, batch))
     finally:
         examples.close()
         bar.close()
-    return (read, kept, rows.size, rows.max_class), digest.finish(src)
+    return (read, kept, writer.count, max_class), digest.finish(src)
+
+
+def _flush(writer: HDF5Writer, schema: Schema, protocol: Protocol, batch: _Batch) -> int:
+    """Process and append the batch (emptying it); the largest class id written."""
+    rows = _process(schema, protocol, *batch.take())
+    writer.append(rows)
+    return int(rows["semantic"].max(initial=0)) if "semantic" in rows else 0
 
 
 def _provenance(
-    dataset: str,
+    info: DatasetInfo,
     schema: Schema,
-    protocol: Protocol,
     src: Path,
     first_n: int | None,
     sha256: str,
@@ -452,12 +334,13 @@ def _provenance(
 ) -> dict[str, object]:
     """File attributes: what was converted, from which file, how."""
     read, kept, _, max_class = counts
-    classes = _NUM_CLASSES[schema.dataset]
+    protocol = info.protocol
+    classes = info.num_semantic_classes
     if schema.class_feature is not None:
         classes = max(classes, max_class + 1)  # codes beyond the expected range widen it
     stored = "visibility" in schema.factor_names
     return {
-        "dataset": dataset,
+        "dataset": info.name,
         "variant": schema.variant or "",
         "source_dataset": schema.dataset,
         "source_file": src.name,
@@ -475,7 +358,7 @@ def _provenance(
         "records_kept": kept,
         "records_filtered": read - kept,
         "mask": "label map: 0 = background (entity 0), k = entity k",
-        "semantic": _SEMANTIC[schema.dataset],
+        "semantic": info.semantic,
         "num_semantic_classes": classes,  # background included
         "visibility": "as stored" if stored else "derived: 1 where the entity's mask is non-empty",
         "converter": "dti_sprites.datamodules.convert",

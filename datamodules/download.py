@@ -1,61 +1,43 @@
-"""Resumable download of DeepMind's multi-object TFRecords, then conversion to HDF5.
+"""Resumable download of DeepMind's multi-object TFRecords (requests), then conversion to HDF5.
 
 ``download("tetrominoes", "data")`` fetches
 ``<base_url>tetrominoes/tetrominoes_train.tfrecords`` to ``data/tetrominoes_train.tfrecords`` and
-converts it to ``data/tetrominoes.h5``. Only the standard library is used (``urllib``).
+converts it to ``data/tetrominoes.h5``.
 
-Files on disk, for a final name ``F``:
+``fetch`` is made for files of up to ~10 GB (CLEVR): for a final name ``F``,
 
-- ``F.part``       bytes received so far; a later call continues from its size (HTTP Range).
-- ``F.part.json``  what the partial transfer is a prefix of: URL, expected size, ETag /
-                   Last-Modified (sent as ``If-Range`` so a changed remote file restarts the
-                   transfer), and the server's MD5 when it publishes one (``x-goog-hash``).
-- ``F``            the complete file, renamed from ``F.part`` only once every byte arrived.
-- ``F.json``       its record: URL, size, sha256 (computed while streaming), MD5 if known.
-                   A file whose size matches its record is never downloaded again
-                   (``sha256_of(F)`` re-checks the content against the record).
-- ``F.lock``       an exclusive ``flock`` held during the transfer, so concurrent calls (several
-                   processes, or nodes on a shared file system) wait and then find the file.
-
-A server that ignores ``Range`` (answers 200 to a ranged request) restarts the transfer from byte
-0. A connection dropped mid-transfer is retried from the bytes already on disk (``retries``
-times); if every retry fails the ``.part`` file stays for the next call.
+- the bytes go to ``F.part``; a dropped connection is resumed from its size with an HTTP Range
+  request, ``retries`` times within the call and by any later call; a server that ignores the
+  Range (answers 200) restarts the transfer from byte 0;
+- the complete file is checked against the expected SHA-256 when one is known and against the
+  MD5 that Google Cloud Storage publishes (``x-goog-hash``); on a mismatch ``F.part`` is deleted;
+- only then is ``F.part`` renamed to ``F``: an existing ``F`` is complete and is not fetched again
+  (a file fetched by hand can be put there too: the converter checks every record's CRC anyway);
+- ``F.lock`` (filelock) makes concurrent calls, e.g. several nodes' ``prepare_data`` on a shared
+  file system, wait for one transfer and then find the file.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
-import http.client
-import json
-import os
-import re
 import sys
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
 
-from dti_sprites.datamodules.schemas import get_schema
-from dti_sprites.io import atomic_write
+import requests
+import urllib3
+from filelock import FileLock
+from tqdm import tqdm
 
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - not POSIX: no inter-process lock
-    fcntl = None  # type: ignore[assignment]
+from dti_sprites.datamodules.catalog import BASE_URL, dataset_info
+from dti_sprites.io import commit
 
-DatasetName = Literal["tetrominoes", "multi_dsprites", "clevr6", "clevr10", "objects_room"]
+__all__ = ["DownloadError", "download", "fetch"]
 
-DEFAULT_BASE_URL = "https://storage.googleapis.com/multi-object-datasets/"
-
-_CHUNK = 1 << 20  # bytes read per call while streaming
+_CHUNK = 1 << 20  # bytes written per step while streaming, and hashed per step
 _RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
-_CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
-_UNSATISFIED_RANGE = re.compile(r"bytes\s+\*/(\d+)")
+_DROPPED = (requests.ConnectionError, requests.Timeout)
 
 
 class DownloadError(RuntimeError):
@@ -63,67 +45,52 @@ class DownloadError(RuntimeError):
 
 
 class _Interrupted(Exception):
-    """The connection ended before the expected number of bytes arrived (retryable)."""
-
-
-@dataclass
-class _PartRecord:
-    """What a ``.part`` file is a prefix of (written before the first byte is appended)."""
-
-    url: str
-    size: int | None
-    etag: str | None
-    last_modified: str | None
-    md5: str | None  # base64, as in x-goog-hash
-
-
-def remote_path(dataset: DatasetName, variant: str | None = None) -> str:
-    """Path of ``dataset``'s public TFRecord file below the base URL (SPEC §8).
-
-    CLEVR6 and CLEVR10 are two filters of ``clevr_with_masks_train``; ``variant=None`` is the
-    default variant (Multi-dSprites ``colored_on_grayscale``, Objects Room ``train``).
-
-    Raises:
-        ValueError: unknown dataset or variant.
-    """
-    return get_schema(dataset, variant).source
+    """The transfer stopped before the last byte (retryable)."""
 
 
 def download(
-    dataset: DatasetName,
+    dataset: str,
     root: str | Path,
     variant: str | None = None,
-    base_url: str = DEFAULT_BASE_URL,
+    base_url: str = BASE_URL,
     convert_after: bool = True,
     progress: bool = True,
 ) -> Path:
     """Fetch ``dataset``'s public TFRecord into ``root`` and convert it to HDF5.
 
     Args:
-        dataset: which DeepMind multi-object dataset.
+        dataset: a name of ``catalog.DATASETS`` (CLEVR6 and CLEVR10 read the same file).
         root: folder for the TFRecord (kept after conversion) and the HDF5 file.
         variant: Multi-dSprites variant (default ``colored_on_grayscale``) or Objects Room
             variant (default ``train``); None for the others.
         base_url: where the files live (a mirror, or a local server in tests).
-        convert_after: convert to ``<root>/<h5_name(dataset, variant)>``. An HDF5 file that
-            already exists is kept as it is (the converter writes atomically, so an existing
-            file is complete); delete it to convert again.
-        progress: print progress to stderr.
+        convert_after: convert to ``<root>/<h5 name>`` (``DatasetInfo.h5_name``). An HDF5 file
+            that already exists is kept as it is (the converter writes atomically, so an
+            existing file is complete); delete it to convert again.
+        progress: show progress bars on stderr.
 
     Returns:
         The HDF5 path when ``convert_after``, else the TFRecord path.
+
+    Raises:
+        ValueError: unknown dataset or variant.
+        DownloadError: see ``fetch``.
     """
-    rel = remote_path(dataset, variant)
+    info = dataset_info(dataset)
+    schema = info.schema(variant)
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    url = base_url.rstrip("/") + "/" + rel
-    tfrecord = fetch(url, root / Path(rel).name, progress=progress)
+    tfrecord = fetch(
+        schema.url(base_url),
+        root / Path(schema.source).name,
+        sha256=schema.sha256,
+        progress=progress,
+    )
     if not convert_after:
         return tfrecord
 
-    from dti_sprites.datamodules.convert import convert, h5_name
+    from dti_sprites.datamodules.convert import convert
 
-    out = root / h5_name(dataset, variant)
+    out = root / info.h5_name(variant)
     if out.exists():
         _say(progress, f"{out} exists; not converting again")
         return out
@@ -135,314 +102,143 @@ def fetch(
     url: str,
     dest: str | Path,
     *,
+    sha256: str | None = None,
     retries: int = 3,
     retry_wait: float = 2.0,
     timeout: float = 60.0,
     progress: bool = True,
 ) -> Path:
-    """Download ``url`` to ``dest`` resumably; return ``dest``.
+    """Download ``url`` to ``dest`` resumably (see the module docstring); return ``dest``.
 
     Args:
         url: http(s) URL of the file.
-        dest: final path; ``dest.part`` / ``dest.part.json`` hold an unfinished transfer and
-            ``dest.json`` the record of the finished one.
+        dest: final path; ``dest.part`` holds an unfinished transfer.
+        sha256: expected hex SHA-256 of the file, or None.
         retries: how many times a dropped connection is resumed within this call (the first
             resume is immediate, then ``retry_wait``·(2^k − 1) seconds of back-off).
         retry_wait: back-off unit in seconds.
-        timeout: socket timeout in seconds.
-        progress: print progress to stderr.
+        timeout: connect and read timeout in seconds.
+        progress: show a progress bar on stderr.
 
     Raises:
-        DownloadError: HTTP error status, unreachable host, a file that changed size or
-            checksum, or a transfer still incomplete after ``retries`` resumes (its ``.part``
-            file is kept, so calling again continues it).
+        DownloadError: HTTP error status, a checksum mismatch (``dest.part`` is deleted), or a
+            transfer still incomplete after ``retries`` resumes (``dest.part`` is kept, so
+            calling again continues it).
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive(dest.with_name(dest.name + ".lock")):
-        return _fetch_locked(url, dest, retries, retry_wait, timeout, progress)
-
-
-@contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``lock_path``: one transfer per file at a time, also
-    across processes (e.g. several nodes' ``prepare_data`` on a shared file system)."""
-    with open(lock_path, "a") as lock:
-        if fcntl is not None:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            if fcntl is not None:
-                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
-
-
-def _fetch_locked(
-    url: str, dest: Path, retries: int, retry_wait: float, timeout: float, progress: bool
-) -> Path:
-    record_path = _sidecar(dest)
-    if dest.exists() and record_path.exists():
-        record = _read_json(record_path)
-        if record is not None and record.get("size") == dest.stat().st_size:
+    with FileLock(dest.with_name(dest.name + ".lock")):
+        if dest.exists():
             _say(progress, f"{dest} already downloaded ({dest.stat().st_size:,} bytes)")
             return dest
-    part = dest.with_name(dest.name + ".part")
-    if dest.exists() and not part.exists():
-        # A complete-looking file without a (matching) record, e.g. fetched by hand: treat it as
-        # a prefix; the server then confirms it is complete (416) or sends the rest.
-        os.replace(dest, part)
-        _sidecar(part).unlink(missing_ok=True)
-
-    attempt = 0
-    while True:
-        try:
-            _transfer(url, part, timeout=timeout, progress=progress)
-            break
-        except _Interrupted as err:
-            if attempt >= retries:
-                raise DownloadError(
-                    f"{url}: transfer interrupted ({err}); {part} keeps "
-                    f"{_size(part):,} bytes, call again to resume"
-                ) from err
-            wait = retry_wait * (2**attempt - 1)
-            _say(progress, f"{url}: {err}; resuming from byte {_size(part):,} in {wait:.0f} s")
-            time.sleep(wait)
-            attempt += 1
-    _finalise(url, part, dest, progress=progress)
+        part = dest.with_name(dest.name + ".part")
+        with requests.Session() as session:
+            session.headers.update({"User-Agent": "dti-sprites", "Accept-Encoding": "identity"})
+            for attempt in range(retries + 1):
+                try:
+                    md5 = _transfer(session, url, part, timeout, progress)
+                    break
+                except _Interrupted as err:
+                    held = part.stat().st_size if part.exists() else 0
+                    if attempt == retries:
+                        raise DownloadError(
+                            f"{url}: transfer interrupted ({err}); {part} keeps {held:,} bytes, "
+                            "call again to resume"
+                        ) from err
+                    wait = retry_wait * (2**attempt - 1)
+                    _say(progress, f"{url}: {err}; resuming from byte {held:,} in {wait:.0f} s")
+                    time.sleep(wait)
+        _verify(url, part, sha256, md5)
+        commit(part, dest)  # atomic_write's rename; not atomic_write, whose failure deletes .part
     return dest
 
 
-def sha256_of(path: str | Path) -> str:
-    """Hex sha256 of a file (to check a downloaded file against its ``.json`` record)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        _hash_into(f, [digest])
-    return digest.hexdigest()
-
-
-# --- one HTTP request ----------------------------------------------------------------------------
-
-
-def _transfer(url: str, part: Path, *, timeout: float, progress: bool) -> None:
-    """Append the missing bytes of ``url`` to ``part``; return when it holds the whole file."""
-    part_record_path = _sidecar(part)
-    state = _load_part_record(part_record_path) if part.exists() else None
-    if part.exists() and state is None:
-        # A prefix of unknown origin: resumed without validators (the server's MD5 still guards
-        # the result when it publishes one). A record from another URL (a mirror) keeps its
-        # validators, so a prefix of a different file restarts through If-Range.
-        state = _PartRecord(url=url, size=None, etag=None, last_modified=None, md5=None)
-    offset = _size(part)
-    if state is not None and state.size is not None:
-        if offset == state.size:
-            return  # every byte is already here (interrupted before the rename)
-        if offset > state.size:
-            offset = _restart(part, progress, f"{part} is larger than the remote file")
-
-    headers = {"User-Agent": "dti-sprites-download", "Accept-Encoding": "identity"}
-    if offset > 0:
-        headers["Range"] = f"bytes={offset}-"
-        validator = (state.etag or state.last_modified) if state is not None else None
-        if validator:
-            headers["If-Range"] = validator
+def _transfer(
+    session: requests.Session, url: str, part: Path, timeout: float, progress: bool
+) -> str | None:
+    """Append the missing bytes of ``url`` to ``part``; the server's MD5 (hex) if it gives one."""
+    offset = part.stat().st_size if part.exists() else 0
+    headers = {"Range": f"bytes={offset}-"} if offset else {}
     try:
-        response = urllib.request.urlopen(
-            urllib.request.Request(url, headers=headers), timeout=timeout
-        )
-    except urllib.error.HTTPError as err:
-        if err.code == 416 and offset > 0:
-            total = _unsatisfied_total(err.headers.get("Content-Range"))
-            err.close()
-            if total == offset:
-                _save_part_record(part_record_path, _merge(state, url, total))
-                return  # the prefix is the whole file
-            _restart(part, progress, f"range {offset}- not satisfiable (remote size {total})")
-            raise _Interrupted("restarting after HTTP 416") from err
-        if err.code in _RETRYABLE_STATUS:
-            raise _Interrupted(f"HTTP {err.code} {err.reason}") from err
-        raise DownloadError(f"{url}: HTTP {err.code} {err.reason}") from err
-    except urllib.error.URLError as err:
-        raise DownloadError(f"{url}: {err.reason}") from err
-    except (TimeoutError, ConnectionError, http.client.HTTPException) as err:
+        response = session.get(url, headers=headers, stream=True, timeout=timeout)
+    except _DROPPED as err:
         raise _Interrupted(f"{type(err).__name__}: {err}") from err
-
     with response:
-        status = response.status
-        if status == 206 and offset > 0:
-            start, total = _parse_content_range(url, response.headers.get("Content-Range"))
-            if start != offset:
-                offset = _restart(part, progress, f"server resumed at {start}, not {offset}")
-                raise _Interrupted("restarting after a misplaced range")
-            if state is not None and state.size is not None and total != state.size:
-                _restart(part, progress, f"remote size changed ({state.size} -> {total})")
-                raise _Interrupted("restarting: remote file changed")
-        elif status == 200:
-            if offset > 0:
-                offset = _restart(part, progress, "server ignored the Range request")
-            length = response.headers.get("Content-Length")
-            total = int(length) if length is not None else None
-        else:
-            raise DownloadError(f"{url}: unexpected HTTP {status} {response.reason}")
-        state = _merge(
-            state if offset > 0 else None,
-            url,
-            total,
-            etag=response.headers.get("ETag"),
-            last_modified=response.headers.get("Last-Modified"),
-            md5=_goog_md5(response.headers.get_all("x-goog-hash") or []),
+        status = response.status_code
+        md5 = _goog_md5(response.headers.get("x-goog-hash", ""))
+        if status == 416 and offset:  # nothing after ``offset``: complete, or a longer prefix
+            if response.headers.get("Content-Range", "").endswith(f"/{offset}"):
+                return md5
+            part.unlink()
+            raise _Interrupted(f"{part.name} is longer than the remote file; restarting")
+        if status in _RETRYABLE_STATUS:
+            raise _Interrupted(f"HTTP {status} {response.reason}")
+        if status not in (200, 206):
+            raise DownloadError(f"{url}: HTTP {status} {response.reason}")
+        if status == 206 and not response.headers.get("Content-Range", "").startswith(
+            f"bytes {offset}-"
+        ):
+            part.unlink()
+            raise _Interrupted(f"the server sent another range than {offset}-; restarting")
+        if status == 200:
+            offset = 0  # the whole file (the server ignores Range): start again
+        length = response.headers.get("Content-Length")
+        total = offset + int(length) if length is not None else None
+        bar = tqdm(
+            total=total,
+            initial=offset,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc=part.stem,
+            disable=not progress,
+            file=sys.stderr,
+            mininterval=0.5,
         )
-        _save_part_record(part_record_path, state)
-        _stream(response, part, offset, total, url=url, progress=progress)
+        with bar, open(part, "ab" if offset else "wb") as f:
+            while True:
+                try:  # read1: every byte that arrived is kept when the connection drops
+                    chunk = response.raw.read1(_CHUNK, decode_content=False)
+                except (urllib3.exceptions.HTTPError, OSError) as err:
+                    raise _Interrupted(f"connection dropped after {bar.n:,} bytes") from err
+                if not chunk:
+                    break
+                f.write(chunk)
+                bar.update(len(chunk))
+    if total is not None and part.stat().st_size < total:
+        raise _Interrupted(f"connection closed after {part.stat().st_size:,} of {total:,} bytes")
+    return md5
 
 
-def _stream(
-    response: Any, part: Path, offset: int, total: int | None, *, url: str, progress: bool
-) -> None:
-    """Append the response body to ``part``; raise _Interrupted when it ends short."""
-    received = offset
-    shown = time.monotonic()
-    with open(part, "ab") as f:
-        while True:
-            try:
-                chunk = response.read(_CHUNK)
-            except (TimeoutError, ConnectionError, http.client.HTTPException) as err:
-                f.flush()
-                raise _Interrupted(f"{type(err).__name__} after {received:,} bytes") from err
-            if not chunk:
-                break
-            f.write(chunk)
-            received += len(chunk)
-            if progress and time.monotonic() - shown > 2.0:
-                shown = time.monotonic()
-                of = f" / {total:,}" if total else ""
-                _say(True, f"{url}: {received:,}{of} bytes")
-        f.flush()
-        os.fsync(f.fileno())
-    if total is not None and received < total:
-        raise _Interrupted(f"connection closed after {received:,} of {total:,} bytes")
-    if total is not None and received > total:
-        _restart(part, progress, f"received {received} bytes, more than announced ({total})")
-        raise _Interrupted("restarting after an oversized body")
-
-
-def _finalise(url: str, part: Path, dest: Path, *, progress: bool) -> None:
-    """Check the complete ``part``, write ``dest.json``, rename ``part`` to ``dest``."""
-    state = _load_part_record(_sidecar(part))
-    sha256 = hashlib.sha256()
-    md5 = hashlib.md5(usedforsecurity=False)
+def _verify(url: str, part: Path, sha256: str | None, md5: str | None) -> None:
+    """Compare ``part`` with the expected hex digests; delete it on a mismatch."""
+    expected = {name: value for name, value in (("sha256", sha256), ("md5", md5)) if value}
+    digests = {name: hashlib.new(name) for name in expected}
+    if not digests:
+        return
     with open(part, "rb") as f:
-        _hash_into(f, [sha256, md5])
-    size = _size(part)
-    expected_md5 = state.md5 if state is not None else None
-    got_md5 = base64.b64encode(md5.digest()).decode()
-    if expected_md5 is not None and got_md5 != expected_md5:
-        part.unlink()
-        _sidecar(part).unlink(missing_ok=True)
-        raise DownloadError(
-            f"{url}: MD5 mismatch (server {expected_md5}, received {got_md5}); "
-            "the partial file was deleted, call again to restart"
-        )
-    record = {"url": url, "size": size, "sha256": sha256.hexdigest(), "md5": got_md5}
-    _write_json_atomic(_sidecar(dest), record)
-    os.replace(part, dest)
-    _sidecar(part).unlink(missing_ok=True)
-    _say(progress, f"{dest}: {size:,} bytes, sha256 {record['sha256']}")
+        while chunk := f.read(_CHUNK):
+            for digest in digests.values():
+                digest.update(chunk)
+    for name, digest in digests.items():
+        if digest.hexdigest() != expected[name]:
+            part.unlink()
+            raise DownloadError(
+                f"{url}: {name.upper()} mismatch (expected {expected[name]}, received "
+                f"{digest.hexdigest()}); the partial file was deleted, call again to restart"
+            )
 
 
-# --- helpers -------------------------------------------------------------------------------------
-
-
-def _sidecar(path: Path) -> Path:
-    return path.with_name(path.name + ".json")
-
-
-def _size(path: Path) -> int:
-    return path.stat().st_size if path.exists() else 0
-
-
-def _restart(part: Path, progress: bool, why: str) -> int:
-    """Empty ``part`` and forget its record; return the new offset (0)."""
-    _say(progress, f"{why}; restarting {part.name} from byte 0")
-    part.unlink(missing_ok=True)
-    _sidecar(part).unlink(missing_ok=True)
-    return 0
-
-
-def _merge(
-    state: _PartRecord | None,
-    url: str,
-    size: int | None,
-    *,
-    etag: str | None = None,
-    last_modified: str | None = None,
-    md5: str | None = None,
-) -> _PartRecord:
-    """The record of a transfer: validators of the first response win over later ones."""
-    if state is None:
-        return _PartRecord(url=url, size=size, etag=etag, last_modified=last_modified, md5=md5)
-    return _PartRecord(
-        url=url,
-        size=state.size if state.size is not None else size,
-        etag=state.etag or etag,
-        last_modified=state.last_modified or last_modified,
-        md5=state.md5 or md5,
-    )
-
-
-def _parse_content_range(url: str, value: str | None) -> tuple[int, int | None]:
-    match = _CONTENT_RANGE.fullmatch((value or "").strip())
-    if match is None:
-        raise DownloadError(f"{url}: HTTP 206 with an unreadable Content-Range {value!r}")
-    total = None if match.group(3) == "*" else int(match.group(3))
-    return int(match.group(1)), total
-
-
-def _unsatisfied_total(value: str | None) -> int | None:
-    match = _UNSATISFIED_RANGE.fullmatch((value or "").strip())
-    return int(match.group(1)) if match else None
-
-
-def _goog_md5(values: list[str]) -> str | None:
-    """The MD5 in Google Cloud Storage's ``x-goog-hash: crc32c=…,md5=…`` header, if any."""
-    for value in values:
-        for item in value.split(","):
-            key, _, digest = item.strip().partition("=")
-            if key == "md5" and digest:
-                return digest
+def _goog_md5(header: str) -> str | None:
+    """The hex MD5 from Google Cloud Storage's ``x-goog-hash: crc32c=…,md5=<base64>``, if any."""
+    for item in header.split(","):
+        key, _, digest = item.strip().partition("=")
+        if key == "md5" and digest:
+            try:
+                return base64.b64decode(digest, validate=True).hex()
+            except ValueError:  # not base64: no usable checksum
+                return None
     return None
-
-
-def _hash_into(f: BinaryIO, digests: list[Any]) -> None:
-    while chunk := f.read(_CHUNK):
-        for digest in digests:
-            digest.update(chunk)
-
-
-def _load_part_record(path: Path) -> _PartRecord | None:
-    data = _read_json(path)
-    if data is None:
-        return None
-    try:
-        return _PartRecord(**data)
-    except TypeError:
-        return None
-
-
-def _save_part_record(path: Path, state: _PartRecord) -> None:
-    _write_json_atomic(path, asdict(state))
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    with atomic_write(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def _say(enabled: bool, message: str) -> None:

@@ -1,4 +1,4 @@
-"""Single-object DataModules (SPEC §7, §8): GTSRB-8, SVHN, Weizmann Horse and image folders.
+"""Single-object DataModules (docs/method.md §7, §8): GTSRB-8, SVHN, Weizmann Horse, image folders.
 
 Every DataModule yields the dict batches of :mod:`dti_sprites.datamodules.base`:
 ``image`` (B, 3, H, W) float32 in [0, 1], ``index`` (B,) int64 (position in its split), plus
@@ -26,116 +26,42 @@ import csv
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
-import torchvision.transforms.functional as TF
-from PIL import Image, ImageOps
 from torch import Tensor
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
-from torchvision.transforms import InterpolationMode
 
 from dti_sprites.datamodules.base import DTIDataModule
+from dti_sprites.datamodules.image_files import (
+    IMAGE_EXTENSIONS,
+    ImageReadError,
+    ImageRecord,
+    find_images,
+    load_record,
+    pair_masks,
+    require,
+)
 
 __all__ = [
     "GTSRB8_CLASSES",
-    "IMAGE_EXTENSIONS",
     "GTSRB8DataModule",
     "ImageFolderDataModule",
-    "ImageReadError",
     "SVHNDataModule",
     "WeizmannHorseDataModule",
 ]
 
 GTSRB8_CLASSES: tuple[int, ...] = (3, 7, 9, 11, 17, 18, 25, 35)
-"""GTSRB class ids kept by GTSRB-8 (SPEC §7); class ``GTSRB8_CLASSES[i]`` gets label ``i``."""
-
-IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png")
-"""File suffixes (case-insensitive) treated as images in image and mask folders."""
+"""GTSRB class ids kept by GTSRB-8 (docs/method.md §7); class ``GTSRB8_CLASSES[i]`` gets label
+``i``."""
 
 Sample = dict[str, Tensor]
-Geometry = Literal["stretch", "crop"]
 
 
-class ImageReadError(ValueError):
-    """A file that should hold an image could not be decoded; the message names the file."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Files -> uint8 tensors
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Record:
-    """One sample on disk: an image, optionally its mask and its class label."""
-
-    image: Path
-    mask: Path | None = None
-    label: int | None = None
-
-
-def _require(path: Path, expected: str, kind: Literal["dir", "file"] = "dir") -> Path:
-    """Return ``path`` if it is an existing directory / file, else raise naming it."""
-    ok = path.is_dir() if kind == "dir" else path.is_file()
-    if not ok:
-        raise FileNotFoundError(f"{path} not found: expected {expected}")
-    return path
-
-
-def _open(path: Path) -> Image.Image:
-    """Decode an image file completely (EXIF orientation applied); raise naming the file."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return ImageOps.exif_transpose(img)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise ImageReadError(f"cannot read image file {path}: {exc}") from exc
-
-
-def _binary(mask: Image.Image, threshold: int) -> Image.Image:
-    """Mask image -> mode "L" image of 0 (background) / 1 (object): any channel > threshold."""
-    if mask.mode not in ("1", "L", "I", "I;16", "F"):
-        mask = mask.convert("RGB")  # palette -> colours, alpha dropped
-    values = np.asarray(mask)
-    fg = values > threshold
-    if fg.ndim == 3:
-        fg = fg.any(axis=2)
-    return Image.fromarray(fg.astype(np.uint8), mode="L")
-
-
-def _resize(img: Image.Image, size: int, geometry: Geometry, nearest: bool) -> Image.Image:
-    """Resize to ``size`` × ``size``.
-
-    ``stretch``: the full image, aspect ratio not kept. ``crop``: short side to ``size`` (as
-    torchvision's ``Resize(size)``), then a centred ``size`` × ``size`` crop (``CenterCrop``).
-    Images use PIL bilinear, which is antialiased when shrinking (the filter support scales with
-    the factor); masks use nearest, so they keep their values.
-    """
-    mode = InterpolationMode.NEAREST if nearest else InterpolationMode.BILINEAR
-    if geometry == "stretch":
-        return TF.resize(img, [size, size], interpolation=mode, antialias=True)
-    img = TF.resize(img, size, interpolation=mode, antialias=True)
-    return TF.center_crop(img, [size, size])
-
-
-def _load(
-    record: _Record, size: int, geometry: Geometry, mask_threshold: int = 0
-) -> tuple[Tensor, Tensor | None]:
-    """Read one record: image (3, size, size) uint8 and mask (size, size) uint8 of 0/1 or None."""
-    image = _resize(_open(record.image).convert("RGB"), size, geometry, nearest=False)
-    image_t = torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()  # (3, H, W)
-    if record.mask is None:
-        return image_t, None
-    mask = _resize(_binary(_open(record.mask), mask_threshold), size, geometry, nearest=True)
-    return image_t, torch.from_numpy(np.array(mask))  # (H, W)
-
-
-Loader = Callable[[_Record], tuple[Tensor, Tensor | None]]
+Loader = Callable[[ImageRecord], tuple[Tensor, Tensor | None]]
 
 
 def _sample(image: Tensor, mask: Tensor | None, label: int | Tensor | None, index: int) -> Sample:
@@ -174,7 +100,7 @@ class TensorImageDataset(Dataset[Sample]):
 class _FileDataset(Dataset[Sample]):
     """Samples decoded from disk on access (``in_memory=False``)."""
 
-    def __init__(self, records: Sequence[_Record], load: Loader) -> None:
+    def __init__(self, records: Sequence[ImageRecord], load: Loader) -> None:
         self.records, self.load = list(records), load
 
     def __len__(self) -> int:
@@ -195,14 +121,14 @@ class _Reindexed(ConcatDataset):
 
 
 def _read_all(
-    records: Sequence[_Record],
+    records: Sequence[ImageRecord],
     load: Loader,
     size: int,
     threads: int,
     *,
     keep: bool = True,
     skip_invalid: bool = False,
-) -> tuple[list[_Record], TensorImageDataset | None]:
+) -> tuple[list[ImageRecord], TensorImageDataset | None]:
     """Decode every record (PIL releases the GIL, so threads run in parallel).
 
     Returns the records that decoded and, when ``keep``, a dataset holding them. An undecodable
@@ -210,7 +136,7 @@ def _read_all(
     ``skip_invalid``.
     """
 
-    def attempt(record: _Record) -> tuple[Tensor, Tensor | None] | ImageReadError:
+    def attempt(record: ImageRecord) -> tuple[Tensor, Tensor | None] | ImageReadError:
         try:
             return load(record)
         except ImageReadError as exc:
@@ -222,7 +148,7 @@ def _read_all(
     with_masks = bool(records) and records[0].mask is not None
     images = torch.empty((n, 3, size, size), dtype=torch.uint8) if keep else None
     masks = torch.empty((n, size, size), dtype=torch.uint8) if keep and with_masks else None
-    kept: list[_Record] = []
+    kept: list[ImageRecord] = []
     pool = ThreadPoolExecutor(max_workers=max(1, threads))
     try:
         for record, result in zip(records, pool.map(attempt, records), strict=True):
@@ -247,41 +173,12 @@ def _read_all(
 
 
 def _preload(
-    records: Sequence[_Record], load: Loader, size: int, threads: int
+    records: Sequence[ImageRecord], load: Loader, size: int, threads: int
 ) -> TensorImageDataset:
     """Decode every record into a :class:`TensorImageDataset`; raise on an unreadable file."""
     dataset = _read_all(records, load, size, threads)[1]
     assert dataset is not None
     return dataset
-
-
-def _find_images(folder: Path, recursive: bool) -> list[Path]:
-    """Sorted image files (by :data:`IMAGE_EXTENSIONS`) in ``folder``."""
-    files = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-
-
-def _pair_masks(images: Sequence[Path], root: Path, masks_dir: Path) -> list[Path]:
-    """For each image, the mask with the same path relative to its folder, any suffix.
-
-    Flat folders therefore pair by file stem (``horse001.jpg`` <-> ``horse001.png``).
-    """
-    masks: dict[Path, Path] = {}
-    for mask in _find_images(masks_dir, recursive=True):
-        key = mask.relative_to(masks_dir).with_suffix("")
-        if key in masks:
-            raise ValueError(f"two masks for one image: {masks[key]} and {mask}")
-        masks[key] = mask
-    paired = []
-    for image in images:
-        key = image.relative_to(root).with_suffix("")
-        if key not in masks:
-            raise FileNotFoundError(
-                f"no mask for {image}: expected {masks_dir / key}"
-                f" with one of the suffixes {IMAGE_EXTENSIONS}"
-            )
-        paired.append(masks[key])
-    return paired
 
 
 # ----------------------------------------------------------------------------------------------
@@ -292,29 +189,37 @@ def _pair_masks(images: Sequence[Path], root: Path, masks_dir: Path) -> list[Pat
 class _SingleObjectDataModule(DTIDataModule):
     """Shared logic: split datasets built once, dataloaders, ``init_images``.
 
-    Subclasses implement :meth:`_make_split` (one named split -> dataset) and set
-    ``_train_splits`` (the splits concatenated for training).
+    Subclasses implement :meth:`_make_split` (one named split -> dataset), list their split
+    names in ``_protocols`` and set ``_train_splits`` (the splits concatenated for training);
+    they forward the arguments they do not change with ``**kwargs``.
+
+    Args:
+        root: the dataset folder.
+        batch_size: per process (docs/method.md §7: 32; 128 for GTSRB-8 and SVHN).
+        num_workers: dataloader workers; also the threads that preload or decode at ``setup``.
+        eval_protocols: validation / test splits, in order (predict: the first); ``train``:
+            all images, as the paper for Weizmann Horse and image folders.
     """
 
+    _protocols: ClassVar[tuple[str, ...]] = ("train",)
     _train_splits: tuple[str, ...] = ("train",)
 
     def __init__(
         self,
         root: str,
-        batch_size: int,
-        num_workers: int,
-        eval_protocols: Sequence[str],
-        allowed_protocols: Sequence[str],
+        batch_size: int = 32,
+        num_workers: int = 2,
+        eval_protocols: tuple[str, ...] = ("train",),
     ) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        unknown = [p for p in eval_protocols if p not in allowed_protocols]
+        unknown = [p for p in eval_protocols if p not in self._protocols]
         if not eval_protocols or unknown or len(set(eval_protocols)) != len(eval_protocols):
             raise ValueError(
-                f"eval_protocols must be distinct names among {tuple(allowed_protocols)},"
+                f"eval_protocols must be distinct names among {self._protocols},"
                 f" got {tuple(eval_protocols)}"
             )
         self.root = Path(root)
@@ -323,6 +228,7 @@ class _SingleObjectDataModule(DTIDataModule):
         self.eval_protocols = tuple(eval_protocols)
         self._splits: dict[str, Dataset[Sample]] = {}
         self._train: Dataset[Sample] | None = None
+        self.save_hyperparameters()  # with the arguments of the subclasses' __init__
 
     def _make_split(self, name: str) -> Dataset[Sample]:
         raise NotImplementedError
@@ -382,7 +288,26 @@ class _SingleObjectDataModule(DTIDataModule):
         return torch.stack([train[i]["image"] for i in range(min(n, len(train)))])
 
 
-class GTSRB8DataModule(_SingleObjectDataModule):
+class _ResizedImagesDataModule(_SingleObjectDataModule):
+    """Single-object data decoded from image files and resized to S × S.
+
+    Args:
+        root: the dataset folder.
+        image_size: output side S in pixels.
+        in_memory: decode and resize everything at ``setup`` into uint8 tensors (3·S² bytes an
+            image); otherwise decode on access.
+        **kwargs: ``batch_size``, ``num_workers``, ``eval_protocols``.
+    """
+
+    def __init__(
+        self, root: str, image_size: int = 128, in_memory: bool = True, **kwargs: Any
+    ) -> None:
+        super().__init__(root, **kwargs)
+        self.image_size = (image_size, image_size)
+        self.in_memory = in_memory
+
+
+class GTSRB8DataModule(_ResizedImagesDataModule):
     """GTSRB-8: the GTSRB classes 3, 7, 9, 11, 17, 18, 25, 35, relabelled 0..7 in that order.
 
     Reads torchvision's ``GTSRB`` layout under ``root``::
@@ -400,30 +325,28 @@ class GTSRB8DataModule(_SingleObjectDataModule):
 
     Args:
         root: folder that holds (or will hold) ``gtsrb/``.
-        batch_size: per process (SPEC §7: 128).
-        num_workers: dataloader workers; also the threads that preload.
+        batch_size: per process (docs/method.md §7: 128).
         eval_protocols: validation / test splits, in order (predict: the first).
         image_size: output side S in pixels.
-        in_memory: decode and resize everything at ``setup`` into uint8 tensors (~2.4 KB an
-            image at 28 px); otherwise decode on access.
         download: let torchvision download the missing splits in ``prepare_data``.
+        **kwargs: ``num_workers``, ``in_memory``.
     """
+
+    _protocols = ("train", "test")
 
     def __init__(
         self,
         root: str,
         batch_size: int = 128,
-        num_workers: int = 2,
         eval_protocols: tuple[Literal["train", "test"], ...] = ("test",),
         image_size: int = 28,
-        in_memory: bool = True,
         download: bool = False,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(root, batch_size, num_workers, eval_protocols, ("train", "test"))
-        self.save_hyperparameters()
-        self.image_size = (image_size, image_size)
+        super().__init__(
+            root, image_size, batch_size=batch_size, eval_protocols=eval_protocols, **kwargs
+        )
         self.num_classes = len(GTSRB8_CLASSES)
-        self.in_memory = in_memory
         self.download = download
 
     def prepare_data(self) -> None:
@@ -434,23 +357,23 @@ class GTSRB8DataModule(_SingleObjectDataModule):
             for split in {"train", *self.eval_protocols}:
                 GTSRB(str(self.root), split=split, download=True)
 
-    def _records(self, name: str) -> list[_Record]:
+    def _records(self, name: str) -> list[ImageRecord]:
         hint = "(pass download=True to fetch it with torchvision)"
-        base = _require(self.root / "gtsrb", f"torchvision's GTSRB folder {hint}")
+        base = require(self.root / "gtsrb", f"torchvision's GTSRB folder {hint}")
         labels = {c: i for i, c in enumerate(GTSRB8_CLASSES)}
         if name == "train":
             records = []
             for c in GTSRB8_CLASSES:
-                folder = _require(
+                folder = require(
                     base / "GTSRB" / "Training" / f"{c:05d}", f"the GTSRB train class {c} {hint}"
                 )
                 images = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".ppm")
                 if not images:
                     raise FileNotFoundError(f"{folder} holds no .ppm image of GTSRB class {c}")
-                records += [_Record(p, label=labels[c]) for p in images]
+                records += [ImageRecord(p, label=labels[c]) for p in images]
             return records
-        folder = _require(base / "GTSRB" / "Final_Test" / "Images", f"the GTSRB test images {hint}")
-        table = _require(base / "GT-final_test.csv", f"the GTSRB test labels {hint}", "file")
+        folder = require(base / "GTSRB" / "Final_Test" / "Images", f"the GTSRB test images {hint}")
+        table = require(base / "GT-final_test.csv", f"the GTSRB test labels {hint}", "file")
         with open(table, newline="") as f:
             rows = list(csv.DictReader(f, delimiter=";", skipinitialspace=True))
         if rows and not {"Filename", "ClassId"} <= rows[0].keys():
@@ -463,13 +386,13 @@ class GTSRB8DataModule(_SingleObjectDataModule):
                 raise ValueError(f"{table}, line {line}: ClassId {row['ClassId']!r}") from None
             if class_id in labels:
                 image = folder / row["Filename"]
-                _require(image, f"the GTSRB test image on line {line} of {table}", "file")
-                records.append(_Record(image, label=labels[class_id]))
+                require(image, f"the GTSRB test image on line {line} of {table}", "file")
+                records.append(ImageRecord(image, label=labels[class_id]))
         return records
 
     def _make_split(self, name: str) -> Dataset[Sample]:
         records = self._records(name)
-        load = partial(_load, size=self.image_size[0], geometry="stretch")
+        load = partial(load_record, size=self.image_size[0], geometry="stretch")
         if not self.in_memory:
             return _FileDataset(records, load)
         return _preload(records, load, self.image_size[0], self.num_workers)
@@ -490,27 +413,28 @@ class SVHNDataModule(_SingleObjectDataModule):
 
     Args:
         root: folder holding the ``.mat`` files.
-        batch_size: per process (SPEC §7: 128).
-        num_workers: dataloader workers.
+        batch_size: per process (docs/method.md §7: 128).
         eval_protocols: SVHN files for validation / test, in order (predict: the first).
         splits: SVHN files concatenated into the training set; each must exist.
         download: let torchvision download the missing files in ``prepare_data``.
+        **kwargs: ``num_workers``.
     """
+
+    _protocols = ("train", "test", "extra")
 
     def __init__(
         self,
         root: str,
         batch_size: int = 128,
-        num_workers: int = 2,
         eval_protocols: tuple[Literal["train", "test", "extra"], ...] = ("test",),
         splits: tuple[Literal["train", "test", "extra"], ...] = ("train", "test", "extra"),
         download: bool = False,
+        **kwargs: Any,
     ) -> None:
-        allowed = ("train", "test", "extra")
-        super().__init__(root, batch_size, num_workers, eval_protocols, allowed)
+        super().__init__(root, batch_size, eval_protocols=eval_protocols, **kwargs)
+        allowed = self._protocols
         if not splits or any(s not in allowed for s in splits) or len(set(splits)) != len(splits):
             raise ValueError(f"splits must be distinct names among {allowed}, got {splits}")
-        self.save_hyperparameters()
         self.image_size = (32, 32)
         self.num_classes = 10
         self._train_splits = tuple(splits)
@@ -529,8 +453,8 @@ class SVHNDataModule(_SingleObjectDataModule):
     def _make_split(self, name: str) -> Dataset[Sample]:
         import scipy.io
 
-        _require(self.root, "a folder holding SVHN's {train,test,extra}_32x32.mat files")
-        path = _require(
+        require(self.root, "a folder holding SVHN's {train,test,extra}_32x32.mat files")
+        path = require(
             self.root / f"{name}_32x32.mat",
             f"SVHN's {name} split (pass download=True, or drop it from splits / eval_protocols)",
             "file",
@@ -554,7 +478,7 @@ class SVHNDataModule(_SingleObjectDataModule):
         return TensorImageDataset(images, labels)
 
 
-class WeizmannHorseDataModule(_SingleObjectDataModule):
+class WeizmannHorseDataModule(_ResizedImagesDataModule):
     """Weizmann Horse: ~328 horse photos with binary masks, resized to S × S.
 
     Images in ``root/images_dir`` are paired with masks in ``root/masks_dir`` by file stem (any
@@ -568,55 +492,47 @@ class WeizmannHorseDataModule(_SingleObjectDataModule):
 
     Args:
         root: dataset folder (e.g. ``weizmann_horse_db``).
-        batch_size: per process (SPEC §7: 32).
-        num_workers: dataloader workers; also the threads that preload.
-        eval_protocols: only ``train`` (all images).
-        image_size: output side S in pixels.
-        in_memory: decode everything at ``setup`` (328 images: ~16 MB at 128 px).
         images_dir: image folder under ``root`` (``rgb`` in the original archive).
         masks_dir: mask folder under ``root`` (``figure_ground`` in the original archive).
         mask_threshold: largest mask value still counted as background (0: any nonzero is
             horse; raise it, e.g. to 127, for JPEG masks with compression noise).
+        **kwargs: ``image_size``, ``in_memory`` (328 images: ~16 MB at 128 px),
+            ``batch_size``, ``num_workers``, ``eval_protocols`` (only ``train``).
     """
 
     def __init__(
         self,
         root: str,
-        batch_size: int = 32,
-        num_workers: int = 2,
-        eval_protocols: tuple[Literal["train"], ...] = ("train",),
-        image_size: int = 128,
-        in_memory: bool = True,
         images_dir: str = "horse",
         masks_dir: str = "mask",
         mask_threshold: int = 0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(root, batch_size, num_workers, eval_protocols, ("train",))
-        self.save_hyperparameters()
-        self.image_size = (image_size, image_size)
-        self.in_memory = in_memory
+        super().__init__(root, **kwargs)
         self.images_dir, self.masks_dir = images_dir, masks_dir
         self.mask_threshold = mask_threshold
 
     def _make_split(self, name: str) -> Dataset[Sample]:
-        _require(
+        require(
             self.root, f"the Weizmann Horse folder with {self.images_dir}/ and {self.masks_dir}/"
         )
-        images_dir = _require(self.root / self.images_dir, "the Weizmann Horse images")
-        masks_dir = _require(self.root / self.masks_dir, "the Weizmann Horse masks")
-        images = _find_images(images_dir, recursive=False)
+        images_dir = require(self.root / self.images_dir, "the Weizmann Horse images")
+        masks_dir = require(self.root / self.masks_dir, "the Weizmann Horse masks")
+        images = find_images(images_dir, recursive=False)
         if not images:
             raise FileNotFoundError(f"no {'/'.join(IMAGE_EXTENSIONS)} image in {images_dir}")
-        masks = _pair_masks(images, images_dir, masks_dir)
-        records = [_Record(i, m) for i, m in zip(images, masks, strict=True)]
+        masks = pair_masks(images, images_dir, masks_dir)
+        records = [ImageRecord(i, m) for i, m in zip(images, masks, strict=True)]
         size = self.image_size[0]
-        load = partial(_load, size=size, geometry="stretch", mask_threshold=self.mask_threshold)
+        load = partial(
+            load_record, size=size, geometry="stretch", mask_threshold=self.mask_threshold
+        )
         if not self.in_memory:
             return _FileDataset(records, load)
         return _preload(records, load, size, self.num_workers)
 
 
-class ImageFolderDataModule(_SingleObjectDataModule):
+class ImageFolderDataModule(_ResizedImagesDataModule):
     """A folder of JPEG / PNG images (searched recursively), e.g. an Instagram collection.
 
     Each image's short side is resized to S (PIL bilinear, antialiased), then the centre S × S
@@ -635,49 +551,41 @@ class ImageFolderDataModule(_SingleObjectDataModule):
 
     Args:
         root: the image folder.
-        batch_size: per process (SPEC §7: 32).
-        num_workers: dataloader workers; also the threads that decode at ``setup``.
-        eval_protocols: only ``train`` (all images).
-        image_size: output side S in pixels.
         in_memory: keep the decoded images (49 KB each at 128 px) instead of decoding again.
         masks_dir: folder of masks mirroring ``root``, or None.
         labels: label each image by its first-level sub-folder under ``root``.
         skip_invalid: skip undecodable files with a warning instead of raising.
         mask_threshold: largest mask value still counted as background.
+        **kwargs: ``image_size``, ``batch_size``, ``num_workers``, ``eval_protocols`` (only
+            ``train``).
     """
 
     def __init__(
         self,
         root: str,
-        batch_size: int = 32,
-        num_workers: int = 2,
-        eval_protocols: tuple[Literal["train"], ...] = ("train",),
-        image_size: int = 128,
         in_memory: bool = False,
         masks_dir: str | None = None,
         labels: bool = False,
         skip_invalid: bool = False,
         mask_threshold: int = 0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(root, batch_size, num_workers, eval_protocols, ("train",))
-        self.save_hyperparameters()
-        self.image_size = (image_size, image_size)
-        self.in_memory = in_memory
+        super().__init__(root, in_memory=in_memory, **kwargs)
         self.masks_dir = None if masks_dir is None else Path(masks_dir)
         self.labels = labels
         self.skip_invalid = skip_invalid
         self.mask_threshold = mask_threshold
         self.class_names: tuple[str, ...] = ()
 
-    def _records(self) -> list[_Record]:
-        root = _require(self.root, "a folder of .jpg / .jpeg / .png images")
-        images = _find_images(root, recursive=True)
+    def _records(self) -> list[ImageRecord]:
+        root = require(self.root, "a folder of .jpg / .jpeg / .png images")
+        images = find_images(root, recursive=True)
         if not images:
             raise FileNotFoundError(f"no {'/'.join(IMAGE_EXTENSIONS)} image under {root}")
         masks: list[Path | None] = [None] * len(images)
         if self.masks_dir is not None:
-            masks_dir = _require(self.masks_dir, f"masks mirroring the images in {root}")
-            masks = list(_pair_masks(images, root, masks_dir))
+            masks_dir = require(self.masks_dir, f"masks mirroring the images in {root}")
+            masks = list(pair_masks(images, root, masks_dir))
         labels: list[int | None] = [None] * len(images)
         if self.labels:
             tops = [p.relative_to(root).parts for p in images]
@@ -687,11 +595,11 @@ class ImageFolderDataModule(_SingleObjectDataModule):
             self.class_names = tuple(sorted({parts[0] for parts in tops}))
             self.num_classes = len(self.class_names)
             labels = [self.class_names.index(parts[0]) for parts in tops]
-        return [_Record(*r) for r in zip(images, masks, labels, strict=True)]
+        return [ImageRecord(*r) for r in zip(images, masks, labels, strict=True)]
 
     def _make_split(self, name: str) -> Dataset[Sample]:
         size = self.image_size[0]
-        load = partial(_load, size=size, geometry="crop", mask_threshold=self.mask_threshold)
+        load = partial(load_record, size=size, geometry="crop", mask_threshold=self.mask_threshold)
         records, dataset = _read_all(
             self._records(),
             load,

@@ -1,4 +1,4 @@
-"""HDF5-backed DataModules for the multi-object benchmarks (SPEC §7, §8).
+"""HDF5-backed DataModules for the multi-object benchmarks (docs/method.md §7, §8).
 
 One HDF5 file per dataset, written by ``dti-sprites-data convert`` (root keys ``image``
 (N, H, W, 3) uint8, ``mask`` (N, H, W) uint8 label map, ``semantic`` (N, H, W) uint8, attribute
@@ -28,29 +28,24 @@ drops the ``heldout`` protocol. Validation and test dataloaders are ``[paper320,
 
 from __future__ import annotations
 
-import os
 import tempfile
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-import h5py
-import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from dti_sprites.datamodules.base import DTIDataModule
-from dti_sprites.datamodules.download import DEFAULT_BASE_URL
+from dti_sprites.datamodules.catalog import BASE_URL, dataset_info
+from dti_sprites.datamodules.hdf5 import MultiObjectHDF5Dataset, check_file, read_attr
 
 __all__ = [
     "CLEVR6DataModule",
-    "HDF5FormatError",
     "MultiDSpritesDataModule",
     "MultiObjectDataModule",
-    "MultiObjectHDF5Dataset",
     "ObjectsRoomDataModule",
     "Splits",
     "TetrominoesDataModule",
@@ -60,15 +55,6 @@ __all__ = [
 PredictSplit = Literal["paper320", "heldout", "train"]
 MultiDSpritesVariant = Literal["colored_on_grayscale", "colored_on_colored", "binarized"]
 Sample = dict[str, Tensor]
-
-CLEVR6_SEMANTIC_CLASSES = 7
-"""CLEVR6 classes when the file has no ``num_semantic_classes`` attribute: background + shape ×
-material (cube, sphere, cylinder × rubber, metal), as the converter writes ``semantic``
-(``schemas.entity_classes``); 7 is also the authors' count."""
-
-
-class HDF5FormatError(ValueError):
-    """An HDF5 file that is not what the DataModule expects; the message names file and key."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -105,242 +91,62 @@ def plan_splits(n_records: int, train_size: int, paper_eval_size: int, heldout_s
 
 
 # --------------------------------------------------------------------------------------------
-# Dataset
-# --------------------------------------------------------------------------------------------
-
-
-class MultiObjectHDF5Dataset(Dataset[Sample]):
-    """Records ``[start, stop)`` of an HDF5 file, as uint8 tensors.
-
-    A sample: ``image`` (C, H, W) uint8 (C = 3, or 1 for binarized Multi-dSprites), ``mask`` and
-    ``semantic`` (H, W) uint8 when listed in ``keys``, ``index`` () int64 = position in the split.
-
-    Lazy mode opens the file on first access in the process that reads (each DataLoader worker
-    opens its own handle; a handle is never pickled and is reopened after a fork).
-    ``in_memory=True`` reads the whole range as numpy uint8 arrays at construction.
-
-    Args:
-        path: the HDF5 file.
-        start, stop: record range.
-        keys: HDF5 datasets to read besides ``image`` (``mask``, ``semantic``).
-        in_memory: load the range now instead of reading on access.
-    """
-
-    def __init__(
-        self,
-        path: str | Path,
-        start: int,
-        stop: int,
-        keys: Sequence[str] = ("mask", "semantic"),
-        in_memory: bool = False,
-    ) -> None:
-        self.path = Path(path)
-        self.start, self.stop = start, stop
-        self.keys = ("image", *keys)
-        self.arrays: dict[str, np.ndarray] | None = None
-        self._file: h5py.File | None = None
-        self._handles: dict[str, h5py.Dataset] = {}
-        self._pid = -1
-        if in_memory:
-            with h5py.File(self.path, "r") as f:
-                self.arrays = {k: f[k][start:stop] for k in self.keys}
-
-    def view(self, start: int, stop: int) -> MultiObjectHDF5Dataset:
-        """Records ``[start, stop)`` of the file sharing this dataset's arrays (no copy)."""
-        if not self.start <= start <= stop <= self.stop:
-            raise ValueError(f"[{start}, {stop}) is not inside [{self.start}, {self.stop})")
-        view = MultiObjectHDF5Dataset(self.path, start, stop, self.keys[1:])
-        if self.arrays is not None:
-            lo, hi = start - self.start, stop - self.start
-            view.arrays = {k: a[lo:hi] for k, a in self.arrays.items()}
-        return view
-
-    def __len__(self) -> int:
-        return self.stop - self.start
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_file"], state["_handles"], state["_pid"] = None, {}, -1  # never pickled
-        return state
-
-    def close(self) -> None:
-        """Close this process's file handle (reopened on the next access)."""
-        if self._file is not None and self._pid == os.getpid():
-            self._file.close()
-        self._file, self._handles, self._pid = None, {}, -1
-
-    def _rows(self, positions: np.ndarray) -> dict[str, np.ndarray]:
-        """Records at split positions (sorted, unique) for every key: key -> (n, …) uint8."""
-        if self.arrays is not None:
-            return {k: a[positions] for k, a in self.arrays.items()}
-        if self._file is None or self._pid != os.getpid():
-            self._file = h5py.File(self.path, "r")
-            self._handles = {k: self._file[k] for k in self.keys}  # a lookup costs ~50 µs
-            self._pid = os.getpid()
-        rows = (positions + self.start).tolist()
-        lo, hi = rows[0], rows[-1] + 1
-        if hi - lo <= 2 * len(rows):  # dense (e.g. evaluation order): one contiguous read
-            sel = np.asarray(rows) - lo
-            return {k: h[lo:hi][sel] for k, h in self._handles.items()}
-        # One slice per row: ~15x faster than h5py's fancy indexing (a point selection).
-        return {k: np.concatenate([h[r : r + 1] for r in rows]) for k, h in self._handles.items()}
-
-    def __getitems__(self, indices: Sequence[int]) -> list[Sample]:
-        """A whole batch, rows read in file order (what the DataLoader calls when batching)."""
-        idx = np.asarray(indices, dtype=np.int64)
-        if len(idx) == 0:
-            return []
-        if idx.min() < 0 or idx.max() >= len(self):
-            raise IndexError(f"index out of range for a split of {len(self)} records")
-        unique, inverse = np.unique(idx, return_inverse=True)
-        rows = self._rows(unique)
-        samples = []
-        for j, i in zip(inverse.tolist(), idx.tolist(), strict=True):
-            sample = {k: torch.from_numpy(np.ascontiguousarray(rows[k][j])) for k in self.keys}
-            sample["image"] = sample["image"].permute(2, 0, 1)  # (C, H, W)
-            sample["index"] = torch.tensor(i, dtype=torch.int64)
-            samples.append(sample)
-        return samples
-
-    def __getitem__(self, i: int) -> Sample:
-        if i < 0:
-            i += len(self)
-        return self.__getitems__([i])[0]
-
-
-# --------------------------------------------------------------------------------------------
-# Validation
-# --------------------------------------------------------------------------------------------
-
-
-def _attr(f: h5py.File, name: str) -> Any:
-    value = f.attrs.get(name)
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def validate_file(
-    path: Path,
-    dataset: str,
-    variant: str | None,
-    image_size: tuple[int, int],
-    channels: tuple[int, ...],
-    keys: Sequence[str],
-    num_semantic_classes: int,
-) -> int:
-    """Check that ``path`` holds ``dataset`` in the expected layout; return its record count.
-
-    Raises:
-        HDF5FormatError: unreadable file, attribute ``dataset`` / ``variant`` of another
-            dataset, a missing key, a wrong shape (image size) or dtype, keys of different
-            lengths, no records, or semantic labels ≥ ``num_semantic_classes`` in the first
-            320 records.
-    """
-    h, w = image_size
-    try:
-        f = h5py.File(path, "r")
-    except OSError as err:
-        raise HDF5FormatError(f"{path}: not a readable HDF5 file ({err})") from err
-    with f:
-        found = _attr(f, "dataset")
-        if found is not None and found != dataset:
-            raise HDF5FormatError(
-                f"{path}: attribute 'dataset' is {found!r}, expected {dataset!r} "
-                "(this file holds another dataset)"
-            )
-        found_variant = _attr(f, "variant")
-        if variant is not None and found_variant not in (None, "", variant):
-            raise HDF5FormatError(
-                f"{path}: attribute 'variant' is {found_variant!r}, expected {variant!r}"
-            )
-        expected = {"image": f"(N, {h}, {w}, {' or '.join(map(str, channels))}) uint8 images"}
-        expected |= {"mask": f"(N, {h}, {w}) uint8 instance label map"}
-        expected |= {"semantic": f"(N, {h}, {w}) uint8 semantic label map"}
-        n_records: int | None = None
-        for key in ("image", *keys):
-            if key not in f or not isinstance(f[key], h5py.Dataset):
-                raise HDF5FormatError(
-                    f"{path}: missing dataset {key!r}, expected {expected[key]} "
-                    f"(keys present: {', '.join(sorted(f.keys())) or 'none'})"
-                )
-            ds = f[key]
-            if key == "image":
-                shape_ok = ds.ndim == 4 and ds.shape[1:3] == (h, w) and ds.shape[3] in channels
-            else:
-                shape_ok = ds.ndim == 3 and ds.shape[1:] == (h, w)
-            if not shape_ok:
-                raise HDF5FormatError(
-                    f"{path}: {key!r} has shape {ds.shape}, expected {expected[key]} for "
-                    f"{dataset} (a file of another dataset or image size?)"
-                )
-            if ds.dtype != np.uint8:
-                raise HDF5FormatError(f"{path}: {key!r} has dtype {ds.dtype}, expected uint8")
-            if n_records is None:
-                n_records = ds.shape[0]
-            elif ds.shape[0] != n_records:
-                raise HDF5FormatError(
-                    f"{path}: {key!r} holds {ds.shape[0]} records but 'image' holds {n_records}"
-                )
-        assert n_records is not None
-        if n_records == 0:
-            raise HDF5FormatError(f"{path}: 'image' holds no records")
-        if "semantic" in keys:
-            top = int(f["semantic"][: min(n_records, 320)].max())
-            if top >= num_semantic_classes:
-                raise HDF5FormatError(
-                    f"{path}: 'semantic' holds label {top} in its first records, expected "
-                    f"labels < {num_semantic_classes} (num_semantic_classes of {dataset})"
-                )
-    return n_records
-
-
-# --------------------------------------------------------------------------------------------
 # DataModules
 # --------------------------------------------------------------------------------------------
 
 
 class MultiObjectDataModule(DTIDataModule):
-    """Shared logic of the multi-object DataModules (subclasses fix the dataset).
+    """Shared logic of the multi-object DataModules; a subclass names its dataset.
+
+    Everything about the dataset (image size, semantic classes, paper training split, file name,
+    source file) comes from its record in ``catalog.DATASETS``; the number of semantic classes
+    from the file's ``num_semantic_classes`` attribute when the file has one (the converter
+    writes it), checked again at ``setup`` for a file created after construction.
 
     Args:
-        path: the HDF5 file.
+        path: the HDF5 file (default: ``data/<name>.h5``, e.g. ``data/tetrominoes.h5``,
+            ``data/multi_dsprites_<variant>.h5``, ``data/clevr6.h5``).
         batch_size: per process (under DDP the global batch is ``batch_size × world size``).
         num_workers: DataLoader worker processes (persistent when > 0).
-        train_size: records ``[0, train_size)`` are the training split.
+        train_size: records ``[0, train_size)`` are the training split (default: the
+            paper's, 60,000; CLEVR6 34,963).
         paper_eval_size: records ``[0, paper_eval_size)`` are the ``paper320`` protocol.
         heldout_size: up to this many records after the training range are ``heldout``.
         in_memory: read each split into uint8 numpy arrays at ``setup``.
-        download: in ``prepare_data``, when ``path`` is missing, fetch the public TFRecord next
-            to it and convert it (``download_base_url`` + SPEC §8 path).
-        generate: in ``prepare_data``, when ``path`` is missing and this is > 0, write that many
-            synthetic records (``synth.write_synthetic``) and convert them (CLEVR6 keeps the
-            scenes that pass its filter, so fewer). Exclusive with ``download``.
+        download: in ``prepare_data``, when ``path`` is missing, fetch the public TFRecord
+            next to it and convert it (``download_base_url`` + docs/method.md §8 path).
+        generate: in ``prepare_data``, when ``path`` is missing and this is > 0, write that
+            many synthetic records (``synth.write_synthetic``) and convert them (CLEVR6
+            keeps the scenes that pass its filter, so fewer). Exclusive with ``download``.
         seed: seed of the synthetic data.
         predict_split: what ``predict_dataloader`` iterates.
         download_base_url: where ``download`` fetches from (a mirror).
     """
 
-    dataset_name: ClassVar[str]  # attribute ``dataset`` of the file; name for convert / synth
-    has_semantic: ClassVar[bool] = True
+    dataset_name: ClassVar[str]  # key of ``catalog.DATASETS``, attribute ``dataset`` of the file
+    variant: str | None = None  # the default variant; MultiDSpritesDataModule sets it
 
     def __init__(
         self,
-        path: str,
-        batch_size: int,
-        num_workers: int,
-        train_size: int,
-        paper_eval_size: int,
-        heldout_size: int,
-        in_memory: bool,
-        download: bool,
-        generate: int,
-        seed: int,
-        predict_split: PredictSplit,
-        download_base_url: str,
-        image_size: tuple[int, int],
-        num_semantic_classes: int,
-        variant: str | None = None,
+        path: str | None = None,
+        batch_size: int = 32,
+        num_workers: int = 2,
+        train_size: int | None = None,
+        paper_eval_size: int = 320,
+        heldout_size: int = 2000,
+        in_memory: bool = False,
+        download: bool = False,
+        generate: int = 0,
+        seed: int = 0,
+        predict_split: PredictSplit = "paper320",
+        download_base_url: str = BASE_URL,
     ) -> None:
         super().__init__()
+        info = dataset_info(self.dataset_name)
+        schema = info.schema(self.variant)  # checks the variant
+        train_size = info.train_size if train_size is None else train_size
+        if train_size is None:
+            raise ValueError(f"{info.name} has no paper training split: pass train_size")
         if download and generate > 0:
             raise ValueError("download=True and generate > 0 both create the file: choose one")
         if predict_split not in ("paper320", "heldout", "train"):
@@ -353,7 +159,7 @@ class MultiObjectDataModule(DTIDataModule):
                 f"{num_workers}, {generate})"
             )
         plan_splits(train_size, train_size, paper_eval_size, heldout_size)  # checks the sizes
-        self.path = Path(path)
+        self.path = Path("data") / info.h5_name(self.variant) if path is None else Path(path)
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.train_size = train_size
@@ -365,14 +171,15 @@ class MultiObjectDataModule(DTIDataModule):
         self.seed = seed
         self.predict_split: PredictSplit = predict_split
         self.download_base_url = download_base_url
-        self.variant = variant
-        self.image_channels = (1, 3) if variant == "binarized" else (3,)  # grey: made RGB
-        self.image_size = image_size
-        self.num_semantic_classes = num_semantic_classes
+        self.image_channels = (1, 3) if schema.channels == 1 else (3,)  # grey: made RGB
+        self.image_size = info.image_size
+        self.has_semantic = info.num_semantic_classes > 0
+        self.num_semantic_classes = _file_classes(self.path, info.num_semantic_classes)
         self.eval_protocols = ("paper320", "heldout") if heldout_size > 0 else ("paper320",)
         self.splits: Splits | None = None
         self._datasets: dict[str, MultiObjectHDF5Dataset] = {}
         self._warned = False
+        self.save_hyperparameters()
 
     # -- creating the file (rank 0) ------------------------------------------------------------
 
@@ -403,11 +210,9 @@ class MultiObjectDataModule(DTIDataModule):
                         progress=False)  # fmt: skip
 
     def _create_hint(self) -> str:
-        from dti_sprites.datamodules.convert import h5_name
-
         variant = f" --variant {self.variant}" if self.variant else ""
         name = self.dataset_name
-        default = self.path.parent / h5_name(name, self.variant)
+        default = self.path.parent / dataset_info(name).h5_name(self.variant)
         moved = "" if default == self.path else f" (writes {default}; move it to {self.path})"
         return (
             f"Create it with `dti-sprites-data download --dataset {name}{variant} --root "
@@ -424,10 +229,10 @@ class MultiObjectDataModule(DTIDataModule):
             if not self.path.is_file():
                 raise FileNotFoundError(f"{self.path} not found. {self._create_hint()}")
             self._check_semantic_attr()
-            n = validate_file(
-                self.path, self.dataset_name, self.variant, self.image_size,
-                self.image_channels, self._keys(), self.num_semantic_classes,
-            )  # fmt: skip
+            n = check_file(
+                self.path, self._keys(), (), self.image_size, self.image_channels,
+                self.dataset_name, self.variant, self.num_semantic_classes,
+            )["image"][0]  # fmt: skip
             self.splits = plan_splits(n, self.train_size, self.paper_eval_size, self.heldout_size)
             if len(self.splits.heldout) == 0:
                 self.eval_protocols = ("paper320",)
@@ -453,7 +258,14 @@ class MultiObjectDataModule(DTIDataModule):
             )
 
     def _check_semantic_attr(self) -> None:
-        """Hook for datasets whose class count comes from the file (CLEVR6)."""
+        """Take the file's class count when it differs (a file created after construction)."""
+        found = _file_classes(self.path, self.num_semantic_classes)
+        if found != self.num_semantic_classes:
+            rank_zero_warn(
+                f"{self.path}: attribute 'num_semantic_classes' is {found}; using it instead of "
+                f"{self.num_semantic_classes}"
+            )
+            self.num_semantic_classes = found
 
     def _keys(self) -> tuple[str, ...]:
         return ("mask", "semantic") if self.has_semantic else ("mask",)
@@ -525,32 +337,16 @@ class MultiObjectDataModule(DTIDataModule):
             ds.close()
 
 
+def _file_classes(path: Path, default: int) -> int:
+    """The file's ``num_semantic_classes`` attribute if it is readable, else ``default``."""
+    value = read_attr(path, "num_semantic_classes")
+    return default if value is None else int(value)
+
+
 class TetrominoesDataModule(MultiObjectDataModule):
     """Tetrominoes (35×35, 19 shapes + background = 20 semantic classes)."""
 
     dataset_name = "tetrominoes"
-
-    def __init__(
-        self,
-        path: str = "data/tetrominoes.h5",
-        batch_size: int = 32,
-        num_workers: int = 2,
-        train_size: int = 60_000,
-        paper_eval_size: int = 320,
-        heldout_size: int = 2000,
-        in_memory: bool = False,
-        download: bool = False,
-        generate: int = 0,
-        seed: int = 0,
-        predict_split: PredictSplit = "paper320",
-        download_base_url: str = DEFAULT_BASE_URL,
-    ) -> None:
-        super().__init__(
-            path, batch_size, num_workers, train_size, paper_eval_size, heldout_size, in_memory,
-            download, generate, seed, predict_split, download_base_url,
-            image_size=(35, 35), num_semantic_classes=20,
-        )  # fmt: skip
-        self.save_hyperparameters()
 
 
 class MultiDSpritesDataModule(MultiObjectDataModule):
@@ -558,6 +354,11 @@ class MultiDSpritesDataModule(MultiObjectDataModule):
 
     ``path`` defaults to ``data/multi_dsprites_<variant>.h5``. The binarized variant's grey
     images are repeated to 3 channels.
+
+    Args:
+        path: as ``MultiObjectDataModule``.
+        variant: which of the three Multi-dSprites datasets.
+        **kwargs: the other arguments of ``MultiObjectDataModule`` (batch_size, ...).
     """
 
     dataset_name = "multi_dsprites"
@@ -566,107 +367,23 @@ class MultiDSpritesDataModule(MultiObjectDataModule):
         self,
         path: str | None = None,
         variant: MultiDSpritesVariant = "colored_on_grayscale",
-        batch_size: int = 32,
-        num_workers: int = 2,
-        train_size: int = 60_000,
-        paper_eval_size: int = 320,
-        heldout_size: int = 2000,
-        in_memory: bool = False,
-        download: bool = False,
-        generate: int = 0,
-        seed: int = 0,
-        predict_split: PredictSplit = "paper320",
-        download_base_url: str = DEFAULT_BASE_URL,
+        **kwargs: Any,
     ) -> None:
-        if variant not in ("colored_on_grayscale", "colored_on_colored", "binarized"):
-            raise ValueError(
-                f"variant={variant!r}, expected 'colored_on_grayscale', 'colored_on_colored' "
-                "or 'binarized'"
-            )
-        super().__init__(
-            path or f"data/multi_dsprites_{variant}.h5", batch_size, num_workers, train_size,
-            paper_eval_size, heldout_size, in_memory, download, generate, seed, predict_split,
-            download_base_url, image_size=(64, 64), num_semantic_classes=4, variant=variant,
-        )  # fmt: skip
-        self.save_hyperparameters()
+        self.variant = variant  # read by MultiObjectDataModule.__init__
+        super().__init__(path, **kwargs)
 
 
 class CLEVR6DataModule(MultiObjectDataModule):
-    """CLEVR6 (128×128 after the SPEC §8 crop and resize; ≤ 6 objects).
+    """CLEVR6 (128×128 after the docs/method.md §8 crop and resize; ≤ 6 objects).
 
-    ``num_semantic_classes`` is the file's ``num_semantic_classes`` attribute when the file
-    exists at construction, else 4 (:data:`CLEVR6_SEMANTIC_CLASSES`: background + 3 shapes); a
-    file created later that disagrees updates it at ``setup`` with a warning.
+    Semantic classes: background + shape × material (cube, sphere, cylinder × rubber, metal) =
+    7, as the converter writes ``semantic`` (``decode.entity_classes``) and as the authors count.
     """
 
     dataset_name = "clevr6"
-
-    def __init__(
-        self,
-        path: str = "data/clevr6.h5",
-        batch_size: int = 32,
-        num_workers: int = 2,
-        train_size: int = 34_963,
-        paper_eval_size: int = 320,
-        heldout_size: int = 2000,
-        in_memory: bool = False,
-        download: bool = False,
-        generate: int = 0,
-        seed: int = 0,
-        predict_split: PredictSplit = "paper320",
-        download_base_url: str = DEFAULT_BASE_URL,
-    ) -> None:
-        super().__init__(
-            path, batch_size, num_workers, train_size, paper_eval_size, heldout_size, in_memory,
-            download, generate, seed, predict_split, download_base_url,
-            image_size=(128, 128), num_semantic_classes=_file_classes(Path(path)),
-        )  # fmt: skip
-        self.save_hyperparameters()
-
-    def _check_semantic_attr(self) -> None:
-        found = _file_classes(self.path)
-        if found != self.num_semantic_classes:
-            rank_zero_warn(
-                f"{self.path}: attribute 'num_semantic_classes' is {found}; using it instead of "
-                f"{self.num_semantic_classes}"
-            )
-            self.num_semantic_classes = found
-
-
-def _file_classes(path: Path) -> int:
-    """CLEVR's semantic class count: the file's attribute if readable, else the default."""
-    try:
-        with h5py.File(path, "r") as f:
-            value = f.attrs.get("num_semantic_classes")
-    except OSError:
-        return CLEVR6_SEMANTIC_CLASSES
-    return CLEVR6_SEMANTIC_CLASSES if value is None else int(value)
 
 
 class ObjectsRoomDataModule(MultiObjectDataModule):
     """Objects Room (64×64; instance masks only, no semantic classes)."""
 
     dataset_name = "objects_room"
-    has_semantic = False
-
-    def __init__(
-        self,
-        path: str = "data/objects_room.h5",
-        batch_size: int = 32,
-        num_workers: int = 2,
-        train_size: int = 60_000,
-        paper_eval_size: int = 320,
-        heldout_size: int = 2000,
-        in_memory: bool = False,
-        download: bool = False,
-        generate: int = 0,
-        seed: int = 0,
-        predict_split: PredictSplit = "paper320",
-        download_base_url: str = DEFAULT_BASE_URL,
-    ) -> None:
-        super().__init__(
-            path, batch_size, num_workers, train_size, paper_eval_size, heldout_size, in_memory,
-            download, generate, seed, predict_split, download_base_url,
-            image_size=(64, 64), num_semantic_classes=0,
-        )  # fmt: skip
-        self.save_hyperparameters()

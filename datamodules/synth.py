@@ -1,4 +1,4 @@
-"""Generated data in the exact DeepMind encoding (SPEC §8), for tests, demos and benchmarks.
+"""Generated data in the exact DeepMind encoding (docs/method.md §8): tests, demos, benchmarks.
 
 - Tetrominoes: pixel-faithful (``render_tetrominoes`` reproduces the real records exactly).
 - Multi-dSprites (all three variants): procedural squares, ellipses and hearts with dSprites
@@ -8,19 +8,25 @@
   colour (codes below; 0 = null).
 - Objects Room (all four variants): sky, floor and two wall halves plus simple objects.
 
-Every generator yields feature dicts with the dtypes and shapes that ``schemas.decode_example``
-gives for real records; ``write_synthetic`` writes them as a whole-file GZIP TFRecord.
+Every generator yields feature dicts with the dtypes and shapes that ``decode.decode_example``
+gives for real records; ``write_synthetic`` writes them with ``TFRecordWriter`` as a whole-file
+GZIP TFRecord, as DeepMind's files are.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import os
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import BinaryIO, Literal
 
 import numpy as np
 
-from dti_sprites.datamodules.schemas import Schema, get_schema
-from dti_sprites.datamodules.tfrecord import write_examples
+from dti_sprites.datamodules.catalog import Schema, get_schema
+from dti_sprites.datamodules.tf_example import FeatureValue, encode_example
+from dti_sprites.datamodules.tfrecord import frame_record
+from dti_sprites.io import atomic_write
 
 __all__ = [
     "BLOCK_INTENSITY",
@@ -31,9 +37,11 @@ __all__ = [
     "DSPRITES_SHAPES",
     "TETROMINO_COLORS",
     "TETROMINO_SHAPES",
+    "TFRecordWriter",
     "render_tetrominoes",
     "synthesize",
     "tetromino_cells",
+    "write_examples",
     "write_synthetic",
 ]
 
@@ -43,9 +51,9 @@ Record = dict[str, np.ndarray]
 # Tetrominoes
 # --------------------------------------------------------------------------------------------
 
-# The dataset's shape ids. 2, 3, 5-7, 9-19 are seen in the real records (SPEC §8); the three
-# missing ones follow the dataset's grouping: 1-2 I, 3-6 the 3-wide L/J, 7-10 the 2-wide L/J,
-# 11-14 S/Z, 15-18 T, 19 O. So 1 is the horizontal I, 4 the 3-wide J `#../###` and 8 the
+# The dataset's shape ids. 2, 3, 5-7, 9-19 are seen in the real records (docs/method.md §8); the
+# three missing ones follow the dataset's grouping: 1-2 I, 3-6 the 3-wide L/J, 7-10 the 2-wide
+# L/J, 11-14 S/Z, 15-18 T, 19 O. So 1 is the horizontal I, 4 the 3-wide J `#../###` and 8 the
 # 2-wide J `.#/.#/##`.
 TETROMINO_SHAPES: dict[int, tuple[str, ...]] = {
     1: ("####",),
@@ -106,7 +114,7 @@ def render_tetrominoes(
     y: np.ndarray,
     size: int = _TETROMINO_SIZE,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Render pieces exactly as DeepMind's Tetrominoes (SPEC §8).
+    """Render pieces exactly as DeepMind's Tetrominoes (docs/method.md §8).
 
     Args:
         shapes: (P,) shape ids 1..19.
@@ -435,7 +443,7 @@ def synthesize(
             ``clevr10``) or ``objects_room``.
         n: number of records.
         seed: the same seed gives the same records.
-        variant: see ``schemas.resolve_variant`` (default variant when ``None``).
+        variant: see ``catalog.resolve_variant`` (default variant when ``None``).
 
     Yields:
         ``{feature: array}`` in schema order with the schema's shapes and dtypes, e.g. for
@@ -461,3 +469,72 @@ def write_synthetic(
     out = Path(out)
     write_examples(out, synthesize(dataset, n, seed, variant), compression="gzip")
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Writing TFRecord files
+# --------------------------------------------------------------------------------------------
+
+
+class TFRecordWriter:
+    """Write records to a TFRecord file, whole-file GZIP by default (as DeepMind's files).
+
+    Use as a context manager; ``close()`` finishes the compressed stream.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        compression: Literal["gzip", "zlib", "none"] = "gzip",
+        level: int = 6,
+    ) -> None:
+        if compression not in ("gzip", "zlib", "none"):
+            raise ValueError(f"compression must be gzip, zlib or none, not {compression!r}")
+        self.path = Path(path)
+        self._handle: BinaryIO | None = open(self.path, "wb")
+        wbits = {"gzip": 31, "zlib": 15, "none": 0}[compression]
+        self._compressor = zlib.compressobj(level, zlib.DEFLATED, wbits) if wbits else None
+        self.count = 0
+
+    def write(self, data: bytes) -> None:
+        """Append one record (raw bytes, e.g. ``encode_example(...)``)."""
+        if self._handle is None:
+            raise ValueError(f"{self.path}: writer is closed")
+        frame = frame_record(data)
+        if self._compressor is not None:
+            frame = self._compressor.compress(frame)
+        self._handle.write(frame)
+        self.count += 1
+
+    def write_example(self, features: Mapping[str, FeatureValue]) -> None:
+        """Append one ``tf.train.Example`` (see ``tf_example.encode_example``)."""
+        self.write(encode_example(features))
+
+    def close(self) -> None:
+        """Finish the compressed stream and close the file."""
+        if self._handle is None:
+            return
+        try:
+            if self._compressor is not None:
+                self._handle.write(self._compressor.flush())
+        finally:
+            self._handle.close()
+            self._handle = None
+
+    def __enter__(self) -> TFRecordWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def write_examples(
+    path: str | os.PathLike[str],
+    examples: Iterable[Mapping[str, FeatureValue]],
+    compression: Literal["gzip", "zlib", "none"] = "gzip",
+) -> int:
+    """Atomically write ``examples`` as a TFRecord file; returns the number of records."""
+    with atomic_write(path) as partial, TFRecordWriter(partial, compression) as writer:
+        for example in examples:
+            writer.write_example(example)
+    return writer.count

@@ -44,14 +44,23 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import torch
 from PIL import Image
 
-from dti_sprites.callbacks.predictions import PredictionFile
-from dti_sprites.datamodules.images import IMAGE_EXTENSIONS, ImageReadError, _find_images, _load
-from dti_sprites.datamodules.images import _Record as ImageRecord
+from dti_sprites.datamodules.hdf5 import (
+    HDF5FormatError,
+    HDF5Writer,
+    MultiObjectHDF5Dataset,
+    check_file,
+)
+from dti_sprites.datamodules.image_files import (
+    IMAGE_EXTENSIONS,
+    ImageReadError,
+    ImageRecord,
+    find_images,
+    load_record,
+)
 from dti_sprites.model import Decomposition, DTISprites
 
 __all__ = ["DecomposeError", "decompose", "image_batches", "main", "png_outputs"]
@@ -79,53 +88,38 @@ def load_model(ckpt: Path, device: torch.device) -> DTISprites:
 
 def _hdf5_batches(path: Path, size: int, batch_size: int) -> Iterator[dict[str, Any]]:
     try:
-        f = h5py.File(path, "r")
-    except OSError as err:
-        raise DecomposeError(f"cannot read {path} as an HDF5 file: {err}") from err
-    with f:
-        if "image" not in f or not isinstance(f["image"], h5py.Dataset):
-            raise DecomposeError(
-                f"{path}: no dataset 'image' (expected (N, H, W, 3) uint8 images; keys present: "
-                f"{', '.join(sorted(f.keys())) or 'none'})"
-            )
-        images = f["image"]
-        if images.ndim != 4 or images.shape[3] not in (1, 3) or images.dtype != np.uint8:
-            raise DecomposeError(
-                f"{path}: 'image' has shape {images.shape} and dtype {images.dtype}, expected "
-                "(N, H, W, 3) or (N, H, W, 1) uint8"
-            )
-        if images.shape[1:3] != (size, size):
-            raise DecomposeError(
-                f"{path}: images are {images.shape[1]}×{images.shape[2]} but the model was "
-                f"trained on {size}×{size}. Note: HDF5 inputs are used as they are; convert the "
-                f"data at {size}×{size}, or pass a folder of images (resized and centre-cropped "
-                "to the model's size)."
-            )
-        n = images.shape[0]
-        if n == 0:
-            raise DecomposeError(f"{path}: 'image' holds no images")
-        source = f.get("source_index")
-        if source is not None and (source.ndim != 1 or source.shape[0] != n):
-            raise DecomposeError(
-                f"{path}: 'source_index' has shape {source.shape}, expected ({n},)"
-            )
-        for start in range(0, n, batch_size):
-            stop = min(start + batch_size, n)
-            image = torch.from_numpy(images[start:stop]).permute(0, 3, 1, 2)  # (B, C, H, W)
-            rows = np.arange(start, stop, dtype=np.int64)
-            src = rows if source is None else source[start:stop].astype(np.int64)
-            yield {"image": image.expand(-1, 3, -1, -1), "index": rows, "source_index": src}
+        shapes = check_file(path, optional=("source_index",), channels=(3, 1))
+    except HDF5FormatError as err:
+        raise DecomposeError(str(err)) from err
+    shape, keys = shapes["image"], tuple(shapes)[1:]  # (N, H, W, C); ("source_index",) or ()
+    if shape[1:3] != (size, size):
+        raise DecomposeError(
+            f"{path}: images are {shape[1]}×{shape[2]} but the model was trained on "
+            f"{size}×{size}. Note: HDF5 inputs are used as they are; convert the data at "
+            f"{size}×{size}, or pass a folder of images (resized and centre-cropped to the "
+            "model's size)."
+        )
+    records = MultiObjectHDF5Dataset(path, 0, shape[0], keys)
+    try:
+        for start in range(0, shape[0], batch_size):
+            rows = np.arange(start, min(start + batch_size, shape[0]), dtype=np.int64)
+            batch = records.rows(rows)
+            image = torch.from_numpy(batch["image"]).permute(0, 3, 1, 2)  # (B, C, H, W)
+            source = batch["source_index"].astype(np.int64) if keys else rows
+            yield {"image": image.expand(-1, 3, -1, -1), "index": rows, "source_index": source}
+    finally:
+        records.close()
 
 
 def _folder_batches(folder: Path, size: int, batch_size: int) -> Iterator[dict[str, Any]]:
-    files = _find_images(folder, recursive=True)
+    files = find_images(folder, recursive=True)
     if not files:
         raise DecomposeError(f"no {'/'.join(IMAGE_EXTENSIONS)} image under {folder}")
     for start in range(0, len(files), batch_size):
         chunk = files[start : start + batch_size]
         try:
             image = torch.stack(
-                [_load(ImageRecord(p), size, "crop")[0] for p in chunk]
+                [load_record(ImageRecord(p), size, "crop")[0] for p in chunk]
             )  # (B, 3, S, S) uint8
         except ImageReadError as err:
             raise DecomposeError(str(err)) from err
@@ -214,27 +208,24 @@ def decompose(
     """
     device = next(model.parameters()).device
     size = model.image_size
-    file = PredictionFile(out_path, attrs)
+    file = HDF5Writer(out_path, attrs, compression="gzip")
     staging: Path | None = None
     if png_dir is not None:
         png_dir.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{png_dir.name}.tmp-", dir=png_dir.parent))
-    paths: list[str] = []
     try:
         for batch in image_batches(source, size, batch_size):
             image = batch["image"].to(device).float().div_(255)  # (B, 3, S, S)
             out = model(image)
             arrays = out.to_arrays(image)
             arrays["index"] = batch["index"]
-            if "source_index" in batch:
-                arrays["source_index"] = batch["source_index"]
+            for key in ("source_index", "path"):
+                if key in batch:
+                    arrays[key] = batch[key]
             file.append(arrays)
-            paths += batch.get("path", np.array([], dtype=object)).tolist()
             if staging is not None:
                 sources = batch["path"] if "path" in batch else batch["source_index"]
                 png_outputs(out, arrays, batch["index"], sources, staging)
-        if paths:
-            file.file.create_dataset("path", data=paths, dtype=h5py.string_dtype())
         count = file.count
     except BaseException:
         file.close(commit=False)

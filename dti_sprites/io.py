@@ -7,7 +7,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_write", "partial_path"]
+__all__ = ["atomic_write", "commit", "partial_path"]
 
 
 def partial_path(path: str | os.PathLike[str]) -> Path:
@@ -17,15 +17,33 @@ def partial_path(path: str | os.PathLike[str]) -> Path:
     return path.with_name(path.name + ".partial")
 
 
+def commit(temporary: str | os.PathLike[str], path: str | os.PathLike[str]) -> None:
+    """Flush the closed file ``temporary`` to disk and rename it to ``path`` (replacing it).
+
+    The last step of :func:`atomic_write`; called directly only for a temporary file that must
+    outlive a failed attempt, e.g. a resumable download's ``.part`` file.
+    """
+    descriptor = os.open(temporary, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)  # the data is on disk before the new name is
+    finally:
+        os.close(descriptor)
+    os.replace(temporary, path)
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it to ``path`` only on success.
 
     Write the whole file to the yielded path (:func:`partial_path`; its name ends in
-    ``.partial``, so writers that infer the format from the name need it given explicitly).
-    When the block ends normally the file replaces ``path``; when it raises, the temporary
-    file is deleted and ``path`` keeps its previous content (or stays absent). The parent
-    folder is created; a stale temporary file left by a killed process is overwritten.
+    ``.partial``, so writers that infer the format from the name need it given explicitly) and
+    close it before the block ends. When the block ends normally the file is flushed to disk and
+    replaces ``path`` (:func:`commit`); when it raises, the temporary file is deleted and
+    ``path`` keeps its previous content (or stays absent). The parent folder is created; a stale
+    temporary file left by a killed process is overwritten.
+
+    A writer that stays open across calls (``datamodules.hdf5.HDF5Writer``) holds the block
+    open in a :class:`contextlib.ExitStack`.
 
     Example::
 
@@ -38,7 +56,7 @@ def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
     temporary.unlink(missing_ok=True)
     try:
         yield temporary
-        os.replace(temporary, target)
+        commit(temporary, target)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise

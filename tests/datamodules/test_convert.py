@@ -15,10 +15,12 @@ import torch
 import torch.nn.functional as F
 
 from dti_sprites.datamodules import convert as convert_module
-from dti_sprites.datamodules.convert import convert, h5_name
-from dti_sprites.datamodules.schemas import SCHEMAS, decode_example, entity_classes, get_schema
-from dti_sprites.datamodules.synth import synthesize, write_synthetic
-from dti_sprites.datamodules.tfrecord import TFRecordError, iter_examples, write_examples
+from dti_sprites.datamodules.catalog import SCHEMAS, dataset_info, get_schema
+from dti_sprites.datamodules.convert import convert
+from dti_sprites.datamodules.decode import decode_example, entity_classes
+from dti_sprites.datamodules.synth import synthesize, write_examples, write_synthetic
+from dti_sprites.datamodules.tf_example import iter_examples
+from dti_sprites.datamodules.tfrecord import TFRecordError
 
 # (converter dataset, variant, generator dataset, expected image side)
 CASES = [("tetrominoes", None, "tetrominoes", 35), ("clevr6", None, "clevr6", 128)]
@@ -57,7 +59,7 @@ def test_synth_convert_h5(
 ) -> None:
     n = 8 if generator.startswith("clevr") else 24
     src = write_synthetic(generator, tmp_path / "src.tfrecords", n, seed=11, variant=variant)
-    out = tmp_path / h5_name(dataset, variant)
+    out = tmp_path / dataset_info(dataset).h5_name(variant)
     summary = convert(dataset, src, out, variant=variant, progress=False)
     rows, attrs = _read(out)
     schema = get_schema(dataset, variant)
@@ -305,18 +307,6 @@ def test_usage_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="overwrite the source"):
         convert("tetrominoes", src, src, progress=False)
     assert not (tmp_path / "x.h5").exists()
-
-
-def test_h5_names() -> None:
-    assert h5_name("tetrominoes", None) == "tetrominoes.h5"
-    assert h5_name("multi_dsprites", None) == "multi_dsprites_colored_on_grayscale.h5"
-    assert h5_name("multi_dsprites", "binarized") == "multi_dsprites_binarized.h5"
-    assert h5_name("clevr6", None) == "clevr6.h5" and h5_name("clevr10", None) == "clevr10.h5"
-    assert h5_name("objects_room", None) == "objects_room.h5"
-    assert h5_name("objects_room", "train") == "objects_room.h5"
-    assert h5_name("objects_room", "six_objects") == "objects_room_six_objects.h5"
-    with pytest.raises(ValueError, match="no variant"):
-        h5_name("tetrominoes", "binarized")
 
 
 def test_label_map_falls_back_to_argmax_for_non_partitions() -> None:

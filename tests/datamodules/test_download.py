@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import re
 import socket
 import threading
@@ -18,13 +17,8 @@ import h5py
 import numpy as np
 import pytest
 
-from dti_sprites.datamodules.download import (
-    DownloadError,
-    download,
-    fetch,
-    remote_path,
-    sha256_of,
-)
+from dti_sprites.datamodules.catalog import get_schema
+from dti_sprites.datamodules.download import DownloadError, download, fetch
 
 
 @dataclass
@@ -113,7 +107,7 @@ def serve(server: FileServer) -> Iterator[FileServer]:
 
 @pytest.fixture(autouse=True)
 def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
-    """urllib honours *_proxy variables; the local server must be reached directly."""
+    """requests honours *_proxy variables; the local server must be reached directly."""
     for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
@@ -127,17 +121,13 @@ def _md5_b64(data: bytes) -> str:
     return base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
 
 
-def test_complete_download_writes_file_and_record(tmp_path: Path) -> None:
+def test_complete_download(tmp_path: Path) -> None:
     with serve(FileServer({NAME: PAYLOAD})) as server:
         out = fetch(server.base_url + NAME, tmp_path / NAME, progress=False)
     assert out == tmp_path / NAME
     assert out.read_bytes() == PAYLOAD
-    record = json.loads((tmp_path / f"{NAME}.json").read_text())
-    assert record["size"] == len(PAYLOAD)
-    assert record["sha256"] == hashlib.sha256(PAYLOAD).hexdigest() == sha256_of(out)
-    assert record["url"] == server.base_url + NAME
+    assert server.gets(NAME) == [None]
     assert not (tmp_path / f"{NAME}.part").exists()
-    assert not (tmp_path / f"{NAME}.part.json").exists()
 
 
 def test_interrupted_transfer_resumes_within_the_call(tmp_path: Path) -> None:
@@ -148,6 +138,7 @@ def test_interrupted_transfer_resumes_within_the_call(tmp_path: Path) -> None:
 
 
 def test_interrupted_transfer_resumes_on_the_next_call(tmp_path: Path) -> None:
+    """A dropped 10 GB transfer is never a whole-looking file, and the next call continues it."""
     with serve(FileServer({NAME: PAYLOAD}, drop_after=123_457)) as server:
         url = server.base_url + NAME
         with pytest.raises(DownloadError, match=r"interrupted.*123,457 bytes.*call again"):
@@ -155,7 +146,8 @@ def test_interrupted_transfer_resumes_on_the_next_call(tmp_path: Path) -> None:
         part = tmp_path / f"{NAME}.part"
         assert part.read_bytes() == PAYLOAD[:123_457]
         assert not (tmp_path / NAME).exists()
-        fetch(url, tmp_path / NAME, retries=0, progress=False)
+        sha256 = hashlib.sha256(PAYLOAD).hexdigest()
+        fetch(url, tmp_path / NAME, sha256=sha256, retries=0, progress=False)
     assert (tmp_path / NAME).read_bytes() == PAYLOAD
     assert server.gets(NAME) == [None, "bytes=123457-"]
     assert not part.exists()
@@ -191,24 +183,22 @@ def test_concurrent_calls_transfer_once(tmp_path: Path) -> None:
     assert (tmp_path / NAME).read_bytes() == PAYLOAD
 
 
-def test_file_not_matching_its_record_is_completed(tmp_path: Path) -> None:
-    """A truncated final file (size differs from its record) is resumed, not trusted."""
-    with serve(FileServer({NAME: PAYLOAD})) as server:
-        fetch(server.base_url + NAME, tmp_path / NAME, progress=False)
-        (tmp_path / NAME).write_bytes(PAYLOAD[:1000])
-        fetch(server.base_url + NAME, tmp_path / NAME, progress=False)
-    assert (tmp_path / NAME).read_bytes() == PAYLOAD
-    assert server.gets(NAME) == [None, "bytes=1000-"]
-
-
-def test_file_without_record_is_confirmed_by_the_server(tmp_path: Path) -> None:
-    """A complete file fetched by hand gets a record after one 416 reply, without a transfer."""
-    (tmp_path / NAME).write_bytes(PAYLOAD)
+def test_complete_part_is_confirmed_by_the_server(tmp_path: Path) -> None:
+    """Every byte arrived but the process stopped before the rename: one 416 reply, no body."""
+    (tmp_path / f"{NAME}.part").write_bytes(PAYLOAD)
     with serve(FileServer({NAME: PAYLOAD})) as server:
         fetch(server.base_url + NAME, tmp_path / NAME, progress=False)
     assert server.gets(NAME) == [f"bytes={len(PAYLOAD)}-"]
     assert (tmp_path / NAME).read_bytes() == PAYLOAD
-    assert json.loads((tmp_path / f"{NAME}.json").read_text())["size"] == len(PAYLOAD)
+    assert not (tmp_path / f"{NAME}.part").exists()
+
+
+def test_part_longer_than_the_remote_file_restarts(tmp_path: Path) -> None:
+    (tmp_path / f"{NAME}.part").write_bytes(PAYLOAD + b"stale tail")
+    with serve(FileServer({NAME: PAYLOAD})) as server:
+        fetch(server.base_url + NAME, tmp_path / NAME, retry_wait=0, progress=False)
+    assert server.gets(NAME) == [f"bytes={len(PAYLOAD) + 10}-", None]
+    assert (tmp_path / NAME).read_bytes() == PAYLOAD
 
 
 def test_server_without_range_support_restarts(tmp_path: Path) -> None:
@@ -217,26 +207,30 @@ def test_server_without_range_support_restarts(tmp_path: Path) -> None:
     assert out.read_bytes() == PAYLOAD
     # The resume asked for a range, got the whole file with 200, and started again from byte 0.
     assert server.gets(NAME) == [None, "bytes=50000-"]
-    assert json.loads((tmp_path / f"{NAME}.json").read_text())["size"] == len(PAYLOAD)
 
 
-def test_changed_remote_file_restarts_the_transfer(tmp_path: Path) -> None:
-    """If-Range carries the ETag: a prefix of an older version is not completed with new bytes."""
-    old = PAYLOAD[::-1]  # same size, other content: only the ETag tells them apart
+def test_changed_remote_file_fails_the_checksum_and_restarts(tmp_path: Path) -> None:
+    """A prefix of an older version completed with new bytes is caught, deleted, then redone."""
+    old = PAYLOAD[::-1]  # same size, other content
+    sha256 = hashlib.sha256(PAYLOAD).hexdigest()
     with serve(FileServer({NAME: old}, drop_after=80_000)) as server:
-        with pytest.raises(DownloadError):
-            fetch(server.base_url + NAME, tmp_path / NAME, retries=0, progress=False)
+        url = server.base_url + NAME
+        with pytest.raises(DownloadError, match="interrupted"):
+            fetch(url, tmp_path / NAME, sha256=sha256, retries=0, progress=False)
     with serve(FileServer({NAME: PAYLOAD})) as server:
-        out = fetch(server.base_url + NAME, tmp_path / NAME, retries=0, progress=False)
+        with pytest.raises(DownloadError, match=rf"SHA256 mismatch \(expected {sha256}"):
+            fetch(server.base_url + NAME, tmp_path / NAME, sha256=sha256, progress=False)
+        assert not (tmp_path / NAME).exists() and not (tmp_path / f"{NAME}.part").exists()
+        out = fetch(server.base_url + NAME, tmp_path / NAME, sha256=sha256, progress=False)
+        assert server.gets(NAME) == ["bytes=80000-", None]
     assert out.read_bytes() == PAYLOAD
-    assert server.gets(NAME) == ["bytes=80000-"]  # answered 200 (If-Range failed): full body
 
 
 def test_server_md5_is_verified(tmp_path: Path) -> None:
     with serve(FileServer({NAME: PAYLOAD}, md5=_md5_b64(PAYLOAD), drop_after=7)) as server:
         out = fetch(server.base_url + NAME, tmp_path / NAME, retry_wait=0, progress=False)
     assert out.read_bytes() == PAYLOAD
-    assert json.loads((tmp_path / f"{NAME}.json").read_text())["md5"] == _md5_b64(PAYLOAD)
+    assert len(server.requests) == 2  # resumed after 7 bytes, then checked
 
     other = tmp_path / "other"
     with serve(FileServer({NAME: PAYLOAD}, md5=_md5_b64(b"something else"))) as server:
@@ -260,36 +254,11 @@ def test_unreachable_host_names_url(tmp_path: Path) -> None:
         port = sock.getsockname()[1]
     url = f"http://127.0.0.1:{port}/x.bin"
     with pytest.raises(DownloadError, match=re.escape(url)):
-        fetch(url, tmp_path / "x.bin", progress=False)
-
-
-def test_remote_paths_follow_the_spec() -> None:
-    assert remote_path("tetrominoes") == "tetrominoes/tetrominoes_train.tfrecords"
-    assert (
-        remote_path("multi_dsprites")
-        == "multi_dsprites/multi_dsprites_colored_on_grayscale.tfrecords"
-    )
-    assert (
-        remote_path("multi_dsprites", "binarized")
-        == "multi_dsprites/multi_dsprites_binarized.tfrecords"
-    )
-    assert (
-        remote_path("clevr6")
-        == remote_path("clevr10")
-        == "clevr_with_masks/clevr_with_masks_train.tfrecords"
-    )
-    assert remote_path("objects_room") == "objects_room/objects_room_train.tfrecords"
-    assert remote_path("objects_room", "six_objects").endswith(
-        "objects_room_test_six_objects.tfrecords"
-    )
-    with pytest.raises(ValueError, match="unknown variant 'gray' for multi_dsprites"):
-        remote_path("multi_dsprites", "gray")
-    with pytest.raises(ValueError, match="unknown variant 'binarized' for tetrominoes"):
-        remote_path("tetrominoes", "binarized")
+        fetch(url, tmp_path / "x.bin", retries=0, progress=False)
 
 
 def test_download_without_conversion_places_the_tfrecord_in_root(tmp_path: Path) -> None:
-    rel = remote_path("tetrominoes")
+    rel = get_schema("tetrominoes").source
     with serve(FileServer({rel: PAYLOAD})) as server:
         out = download(
             "tetrominoes",
@@ -306,7 +275,7 @@ def test_download_converts_and_a_second_call_is_free(tmp_path: Path) -> None:
     from dti_sprites.datamodules.synth import write_synthetic
 
     tfrecord = write_synthetic("tetrominoes", tmp_path / "src.tfrecords", n=12, seed=1)
-    rel = remote_path("tetrominoes")
+    rel = get_schema("tetrominoes").source
     with serve(FileServer({rel: tfrecord.read_bytes()}, drop_after=1000)) as server:
         root = tmp_path / "data"
         out = download("tetrominoes", root, base_url=server.base_url, progress=False)

@@ -11,11 +11,11 @@ import scipy.io
 import torch
 from PIL import Image
 
+from dti_sprites.datamodules.image_files import ImageReadError
 from dti_sprites.datamodules.images import (
     GTSRB8_CLASSES,
     GTSRB8DataModule,
     ImageFolderDataModule,
-    ImageReadError,
     SVHNDataModule,
     WeizmannHorseDataModule,
 )

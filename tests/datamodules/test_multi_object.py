@@ -16,12 +16,11 @@ import pytest
 import torch
 from torch import nn
 
+from dti_sprites.datamodules.hdf5 import HDF5FormatError, MultiObjectHDF5Dataset
 from dti_sprites.datamodules.multi_object import (
     CLEVR6DataModule,
-    HDF5FormatError,
     MultiDSpritesDataModule,
     MultiObjectDataModule,
-    MultiObjectHDF5Dataset,
     ObjectsRoomDataModule,
     TetrominoesDataModule,
     plan_splits,
@@ -332,7 +331,7 @@ def test_multi_dsprites_default_path_follows_the_variant() -> None:
     dm = MultiDSpritesDataModule(variant="colored_on_colored")
     assert dm.path == Path("data/multi_dsprites_colored_on_colored.h5")
     assert dm.image_size == (64, 64)
-    with pytest.raises(ValueError, match="variant='gray'"):
+    with pytest.raises(ValueError, match="unknown variant 'gray' for multi_dsprites"):
         MultiDSpritesDataModule(variant="gray")  # type: ignore[arg-type]
 
 
@@ -572,13 +571,13 @@ class _QuietHandler(SimpleHTTPRequestHandler):
 def test_prepare_data_downloads_when_allowed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from dti_sprites.datamodules.download import remote_path
+    from dti_sprites.datamodules.catalog import get_schema
     from dti_sprites.datamodules.synth import write_synthetic
 
     for name in ("http_proxy", "HTTP_PROXY", "all_proxy"):
         monkeypatch.delenv(name, raising=False)
     served = tmp_path / "bucket"
-    src = served / remote_path("tetrominoes")
+    src = served / get_schema("tetrominoes").source
     src.parent.mkdir(parents=True)
     write_synthetic("tetrominoes", src, n=20, seed=2)
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(_QuietHandler, directory=str(served)))
@@ -598,7 +597,6 @@ def test_prepare_data_downloads_when_allowed(
         thread.join()
     assert path.is_file()
     assert (tmp_path / "data" / "tetrominoes_train.tfrecords").read_bytes() == src.read_bytes()
-    assert (tmp_path / "data" / "tetrominoes_train.tfrecords.json").is_file()
     dm.setup("fit")
     assert [len(loader.dataset) for loader in dm.val_dataloader()] == [8, 8]
     batch = to_model(dm, next(iter(dm.train_dataloader())))

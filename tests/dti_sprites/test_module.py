@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dti_sprites.callbacks import PredictionWriter
-from dti_sprites.callbacks.predictions import PredictionFile
+from dti_sprites.datamodules.hdf5 import HDF5Writer
 from dti_sprites.io import partial_path
 from dti_sprites.model import DTISprites
 from dti_sprites.module import DTISpritesModule
@@ -120,6 +120,7 @@ def test_predict_writes_predictions_h5(tmp_path, squares):
     with h5py.File(tmp_path / "predictions.h5") as f:
         assert f["reconstruction"].shape == (6, 20, 20, 3) and f["reconstruction"].dtype == "uint8"
         assert f["instance"].shape == (6, 20, 20) and f["instance"].dtype == "uint8"
+        assert f["instance_fg"].shape == (6, 20, 20) and f["instance_fg"].dtype == "uint8"
         assert f["semantic"].dtype == "uint8" and f["semantic"][()].max() <= 3
         assert f["layers"].shape == (6, 2, 20, 20, 4) and f["layers"].dtype == "uint8"
         assert f["sprite_choice"].shape == (6, 2) and f["sprite_choice"].dtype == "int16"
@@ -146,7 +147,7 @@ def test_a_failed_prediction_write_keeps_the_previous_file(tmp_path, squares, mo
         module, data, return_predictions=False
     )
     good = (tmp_path / "predictions.h5").read_bytes()
-    original, calls = PredictionFile.append, []
+    original, calls = HDF5Writer.append, []
 
     def disk_full_on_second_batch(self, arrays):
         calls.append(1)
@@ -154,7 +155,7 @@ def test_a_failed_prediction_write_keeps_the_previous_file(tmp_path, squares, mo
             raise OSError(errno.ENOSPC, "No space left on device")
         original(self, arrays)
 
-    monkeypatch.setattr(PredictionFile, "append", disk_full_on_second_batch)
+    monkeypatch.setattr(HDF5Writer, "append", disk_full_on_second_batch)
     with pytest.raises(OSError, match="No space left"):
         trainer(tmp_path, callbacks=[PredictionWriter()]).predict(
             module, data, return_predictions=False
