@@ -70,17 +70,26 @@ class Recorder(L.Callback):
         metrics = trainer.callback_metrics
         rows = []
         for protocol in pl_module.eval_protocols():
-            row: dict[str, Any] = {"step": trainer.global_step, "protocol": protocol,
-                                   "seconds": round(time.perf_counter() - self.start, 1),
-                                   "sprites_in_use": in_use}  # fmt: skip
+            row: dict[str, Any] = {
+                "step": trainer.global_step,
+                "protocol": protocol,
+                "seconds": round(time.perf_counter() - self.start, 1),
+                "sprites_in_use": in_use,
+            }
             for score in SCORES:
                 value = metrics.get(f"val/{protocol}/{score}")
                 row[score] = "" if value is None else round(100 * float(value), 2)
             rows.append(row)
         with self.path.open("a", newline="") as f:
             csv.DictWriter(f, FIELDS).writerows(rows)
-        print(*(f"{r['step']} {r['protocol']}: " + " ".join(f"{s}={r[s]}" for s in SCORES)
-                for r in rows), sep="\n", flush=True)  # fmt: skip
+        print(
+            *(
+                f"{r['step']} {r['protocol']}: " + " ".join(f"{s}={r[s]}" for s in SCORES)
+                for r in rows
+            ),
+            sep="\n",
+            flush=True,
+        )
 
 
 def config_path(config: str) -> Path:
@@ -91,15 +100,21 @@ def config_path(config: str) -> Path:
 def build(args: argparse.Namespace, extra: list[str], seed: int, folder: Path) -> DTISpritesCLI:
     """The config's model, DataModule and trainer, with the harness's settings."""
     cli_args = [
-        "--config", str(config_path(args.config)),
+        "--config",
+        str(config_path(args.config)),
         f"--seed_everything={seed}",
-        f"--trainer.max_steps={args.steps}", "--trainer.max_epochs=-1",
-        "--trainer.max_time=null", f"--trainer.val_check_interval={args.every}",
-        "--trainer.check_val_every_n_epoch=null", "--trainer.num_sanity_val_steps=0",
-        "--trainer.logger=false", "--trainer.enable_progress_bar=false",
-        f"--trainer.default_root_dir={folder}", "--data.init_args.num_workers=0",
+        f"--trainer.max_steps={args.steps}",
+        "--trainer.max_epochs=-1",
+        "--trainer.max_time=null",
+        f"--trainer.val_check_interval={args.every}",
+        "--trainer.check_val_every_n_epoch=null",
+        "--trainer.num_sanity_val_steps=0",
+        "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={folder}",
+        "--data.init_args.num_workers=0",
         f"--data.init_args.heldout_size={args.heldout}",
-    ]  # fmt: skip
+    ]
     if args.data:
         cli_args.append(f"--data.init_args.path={args.data}")
     if args.generate:

@@ -96,9 +96,13 @@ def main() -> None:
         held_out = images[train_size : train_size + 8].float() / 255
         figure = decomposition_figure(model, held_out, zoom=4)
         save_figure(figure, out_dir / f"{args.name}_decompositions.png")
-    result = {"name": args.name, "steps": step, "seconds": round(seconds),
-              "ari_fg": round(100 * float(score[~score.isnan()].mean()), 1),
-              "args": vars(args)}  # fmt: skip
+    result = {
+        "name": args.name,
+        "steps": step,
+        "seconds": round(seconds),
+        "ari_fg": round(100 * float(score[~score.isnan()].mean()), 1),
+        "args": vars(args),
+    }
     print(json.dumps(result), flush=True)
 
 

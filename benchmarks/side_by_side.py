@@ -62,8 +62,10 @@ class Ours:
         self.model = DTISprites(**model_args)
         self.module = DTISpritesModule(self.model, **module_args)
         self.optimizer = self.module.configure_optimizers()
-        callbacks = {c["class_path"].rsplit(".", 1)[-1]: c.get("init_args", {})
-                     for c in spec["trainer"]["callbacks"]}  # fmt: skip
+        callbacks = {
+            c["class_path"].rsplit(".", 1)[-1]: c.get("init_args", {})
+            for c in spec["trainer"]["callbacks"]
+        }
         holder = SimpleNamespace(model=self.model)
         Curriculum(**callbacks.get("Curriculum", {})).apply(holder, epoch=0)
         SpriteFreeze(**callbacks.get("SpriteFreeze", {})).apply(holder, epoch=0)
@@ -106,18 +108,21 @@ class Authors:
         opt.pop("name")
         cluster_kwargs, tsf_kwargs = opt.pop("cluster", {}), opt.pop("transformer", {})
         self.optimizer = torch.optim.Adam(
-            [dict(params=self.model.cluster_parameters(), **cluster_kwargs),
-             dict(params=self.model.transformer_parameters(), **tsf_kwargs)],
+            [
+                dict(params=self.model.cluster_parameters(), **cluster_kwargs),
+                dict(params=self.model.transformer_parameters(), **tsf_kwargs),
+            ],
             **opt,
-        )  # fmt: skip
+        )
         self.model.set_optimizer(self.optimizer)
         group = self.optimizer.param_groups[1]["params"]
         encoder = {id(p) for p in self.model.encoder.parameters()}
         first = next(iter(self.model.encoder.parameters()))
         self.encoder_listings = sum(p is first for p in group)
         print(f"authors: the encoder is listed {self.encoder_listings} times in Adam", flush=True)
-        assert all(sum(q is p for q in group) == self.encoder_listings
-                   for p in group if id(p) in encoder)  # fmt: skip
+        assert all(
+            sum(q is p for q in group) == self.encoder_listings for p in group if id(p) in encoder
+        )
 
     def train_step(self, x: torch.Tensor) -> float:
         self.model.train()
@@ -184,11 +189,16 @@ def main() -> None:
                 instance, instance_fg = runner.labels(eval_x[i : i + 64])
                 ari.update(instance, eval_mask[i : i + 64])
                 ari_fg.update(instance_fg, eval_mask[i : i + 64])
-            row = {"name": name, "impl": args.impl, "seed": args.seed, "step": step,
-                   "seconds": round(time.perf_counter() - start, 1),
-                   "loss": round(sum(losses[-50:]) / len(losses[-50:]), 5),
-                   "ari": round(100 * float(ari.compute()), 1),
-                   "ari_fg": round(100 * float(ari_fg.compute()), 1)}  # fmt: skip
+            row = {
+                "name": name,
+                "impl": args.impl,
+                "seed": args.seed,
+                "step": step,
+                "seconds": round(time.perf_counter() - start, 1),
+                "loss": round(sum(losses[-50:]) / len(losses[-50:]), 5),
+                "ari": round(100 * float(ari.compute()), 1),
+                "ari_fg": round(100 * float(ari_fg.compute()), 1),
+            }
             print(json.dumps(row), flush=True)
 
 

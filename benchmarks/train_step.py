@@ -129,8 +129,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--batch", type=int, default=None, help="default: the config's")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--encoder", default=None, choices=get_args(EncoderName),
-                        help="default: the config's")  # fmt: skip
+    parser.add_argument(
+        "--encoder", default=None, choices=get_args(EncoderName), help="default: the config's"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -78,8 +78,9 @@ class EvalRecords:
         self.index += index.cpu().tolist()
         self.ari_fg += ari_fg.double().cpu().tolist()
         image_u8 = (image.detach().float().clamp(0, 1) * 255).round().byte().cpu()
-        self._keep_worst(ari_fg.double().cpu(), index.long().cpu(), image_u8,
-                         mask.detach().to(torch.uint8).cpu())  # fmt: skip
+        self._keep_worst(
+            ari_fg.double().cpu(), index.long().cpu(), image_u8, mask.detach().to(torch.uint8).cpu()
+        )
 
     def merge(self, other: EvalRecords) -> None:
         """Add another rank's records; an index already present is skipped (DDP padding)."""
@@ -89,8 +90,12 @@ class EvalRecords:
         self.ari_fg += [other.ari_fg[i] for i in keep]
         if other.worst_image is not None:
             fresh = torch.tensor([int(i) not in seen for i in other.worst_index], dtype=torch.bool)
-            self._keep_worst(other.worst_ari_fg[fresh], other.worst_index[fresh],
-                             other.worst_image[fresh], other.worst_mask[fresh])  # fmt: skip
+            self._keep_worst(
+                other.worst_ari_fg[fresh],
+                other.worst_index[fresh],
+                other.worst_image[fresh],
+                other.worst_mask[fresh],
+            )
 
     def _keep_worst(self, score: Tensor, index: Tensor, image: Tensor, mask: Tensor) -> None:
         if self.worst_image is not None:
@@ -246,8 +251,9 @@ class SpriteDashboard(L.Callback):
                 for k in range(k0 + 1):
                     name = "empty" if k == k0 else str(k)
                     usage_rows.append([layer, name, int(usage[layer, k]), float(share[layer, k])])
-            save_csv(usage_rows, ["layer", "sprite", "count", "share"],
-                     folder / "tables" / "usage.csv")  # fmt: skip
+            save_csv(
+                usage_rows, ["layer", "sprite", "count", "share"], folder / "tables" / "usage.csv"
+            )
         events = self.reassignment_events(trainer)
         if events:
             rows = [[e["step"], e["src"], e["dst"]] for e in events]
@@ -285,8 +291,9 @@ class SpriteDashboard(L.Callback):
     @staticmethod
     def reassignment_events(trainer: L.Trainer) -> list[dict[str, int]]:
         """Events {step, src, dst} of every SpriteReassignment callback, by step."""
-        events = [e for cb in trainer.callbacks if isinstance(cb, SpriteReassignment)
-                  for e in cb.events]  # fmt: skip
+        events = [
+            e for cb in trainer.callbacks if isinstance(cb, SpriteReassignment) for e in cb.events
+        ]
         return sorted(events, key=lambda e: (e["step"], e["dst"]))
 
     # --------------------------------------------------------------------------- evaluation
@@ -344,12 +351,16 @@ class SpriteDashboard(L.Callback):
                 metrics.append([parts[2], float(value), parts[1]])  # metric, value, protocol
         folder = run_dir(trainer)
         if metrics:
-            save_csv(metrics, ["metric", "value", "protocol"],
-                     folder / "tables" / f"{stage}_metrics.csv")  # fmt: skip
+            save_csv(
+                metrics, ["metric", "value", "protocol"], folder / "tables" / f"{stage}_metrics.csv"
+            )
         rows, figures = self._per_image(pl_module, records)
         if rows:
-            save_csv([row[:3] for row in rows], ["protocol", "index", "ari_fg"],
-                     folder / "tables" / f"{stage}_ari_fg.csv")  # fmt: skip
+            save_csv(
+                [row[:3] for row in rows],
+                ["protocol", "index", "ari_fg"],
+                folder / "tables" / f"{stage}_ari_fg.csv",
+            )
         worst = {  # the PNGs as written, (H, W, 3) uint8
             protocol: save_figure(figure, folder / "images" / f"{stage}_{protocol}_worst.png")
             for protocol, figure in figures.items()
@@ -365,10 +376,19 @@ class SpriteDashboard(L.Callback):
                 columns=["metric", "value", "protocol"], data=metrics
             )
         if rows:
-            columns = ["protocol", "index", "ari_fg", "image", "reconstruction", "instance",
-                       "ground_truth"]  # fmt: skip
-            data = [[*row[:3], *(None if t is None else wandb.Image(t) for t in row[3:])]
-                    for row in rows]  # fmt: skip
+            columns = [
+                "protocol",
+                "index",
+                "ari_fg",
+                "image",
+                "reconstruction",
+                "instance",
+                "ground_truth",
+            ]
+            data = [
+                [*row[:3], *(None if t is None else wandb.Image(t) for t in row[3:])]
+                for row in rows
+            ]
             payload[f"{stage}/ari_fg_table"] = wandb.Table(columns=columns, data=data)
         for protocol, picture in worst.items():
             payload[f"{stage}/{protocol}/worst"] = wandb.Image(picture)
@@ -393,8 +413,12 @@ class SpriteDashboard(L.Callback):
             if rec.worst_image is not None and len(rec.worst_image):
                 image = rec.worst_image.to(pl_module.device).float() / 255  # (n, 3, H, W)
                 out = model(image)
-                tiles = [image, out.reconstruction.clamp(0, 1), colorize(out.instance()),
-                         colorize(rec.worst_mask.to(pl_module.device))]  # fmt: skip
+                tiles = [
+                    image,
+                    out.reconstruction.clamp(0, 1),
+                    colorize(out.instance()),
+                    colorize(rec.worst_mask.to(pl_module.device)),
+                ]
                 tiles = [t.float().cpu() for t in tiles]  # 4 × (n, 3, H, W)
                 for j, index in enumerate(rec.worst_index.tolist()):
                     thumbs[index] = [to_uint8_hwc(t[j]) for t in tiles]

@@ -144,30 +144,49 @@ def _sprite_factors(e: int, c: int) -> tuple[FeatureSpec, ...]:
 def _tetrominoes() -> Schema:
     e, (h, w) = 4, (35, 35)
     return Schema(
-        "tetrominoes", None, (h, w), 3, e, "entity_first",
+        "tetrominoes",
+        None,
+        (h, w),
+        3,
+        e,
+        "entity_first",
         (*_pixels(h, w, 3, e), *_sprite_factors(e, 3)),
-        "tetrominoes/tetrominoes_train.tfrecords", 1_000_000, "shape",
-    )  # fmt: skip
+        "tetrominoes/tetrominoes_train.tfrecords",
+        1_000_000,
+        "shape",
+    )
 
 
 def _multi_dsprites(variant: str, e: int, c: int) -> Schema:
     h, w = 64, 64
     return Schema(
-        "multi_dsprites", variant, (h, w), c, e, "entity_last",
+        "multi_dsprites",
+        variant,
+        (h, w),
+        c,
+        e,
+        "entity_last",
         (
             *_pixels(h, w, c, e, entity_last=True),
             *_sprite_factors(e, c),
             FeatureSpec("orientation", "float", (e,)),
             FeatureSpec("scale", "float", (e,)),
         ),
-        f"multi_dsprites/multi_dsprites_{variant}.tfrecords", 1_000_000, "shape",
-    )  # fmt: skip
+        f"multi_dsprites/multi_dsprites_{variant}.tfrecords",
+        1_000_000,
+        "shape",
+    )
 
 
 def _clevr() -> Schema:
     e, (h, w) = 11, (240, 320)
     return Schema(
-        "clevr_with_masks", None, (h, w), 3, e, "entity_first",
+        "clevr_with_masks",
+        None,
+        (h, w),
+        3,
+        e,
+        "entity_first",
         (
             *_pixels(h, w, 3, e),
             FeatureSpec("x", "float", (e,)),
@@ -181,19 +200,27 @@ def _clevr() -> Schema:
             FeatureSpec("color", "bytes", (e,)),
             FeatureSpec("visibility", "float", (e,)),
         ),
-        "clevr_with_masks/clevr_with_masks_train.tfrecords", 100_000, "shape",
-    )  # fmt: skip
+        "clevr_with_masks/clevr_with_masks_train.tfrecords",
+        100_000,
+        "shape",
+    )
 
 
 def _objects_room(variant: str, e: int) -> Schema:
     h, w = 64, 64
     source = "train" if variant == "train" else f"test_{variant}"
     return Schema(
-        "objects_room", variant, (h, w), 3, e, "entity_first",
+        "objects_room",
+        variant,
+        (h, w),
+        3,
+        e,
+        "entity_first",
         _pixels(h, w, 3, e),
         f"objects_room/objects_room_{source}.tfrecords",
-        1_000_000 if variant == "train" else 922, None,
-    )  # fmt: skip
+        1_000_000 if variant == "train" else 922,
+        None,
+    )
 
 
 SCHEMAS: dict[tuple[str, str | None], Schema] = {

@@ -46,9 +46,12 @@ def _download(args: argparse.Namespace) -> int:
         path = download(args.dataset, args.root, variant=args.variant, convert_after=True)
     else:
         path = download(
-            args.dataset, args.root, variant=args.variant, base_url=args.base_url,
+            args.dataset,
+            args.root,
+            variant=args.variant,
+            base_url=args.base_url,
             convert_after=True,
-        )  # fmt: skip
+        )
     print(path)
     return 0
 

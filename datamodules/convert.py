@@ -261,16 +261,25 @@ def convert(
         writer.attrs.update(_provenance(info, schema, src, first_n, sha256, counts))
     read, kept, written, _ = counts
     summary = ConversionSummary(
-        dataset, schema.variant, src, out, read, kept, read - kept, written,
-        protocol.describe(first_n), time.perf_counter() - start,
-    )  # fmt: skip
+        dataset,
+        schema.variant,
+        src,
+        out,
+        read,
+        kept,
+        read - kept,
+        written,
+        protocol.describe(first_n),
+        time.perf_counter() - start,
+    )
     if progress:
         print(summary, file=sys.stderr)
         if protocol.max_objects is not None:
             print(
                 f"{kept} of {read} scenes passed the filter visibility[1:].sum() <= "
-                f"{protocol.max_objects}", file=sys.stderr,
-            )  # fmt: skip
+                f"{protocol.max_objects}",
+                file=sys.stderr,
+            )
     return summary
 
 
@@ -289,10 +298,14 @@ def _convert_into(
     max_class = 0  # largest class id written to ``semantic``
     by_records = first_n is not None
     bar = tqdm(
-        total=first_n if by_records else src.stat().st_size, unit="rec" if by_records else "B",
-        unit_scale=not by_records, desc=src.name, disable=not progress, file=sys.stderr,
+        total=first_n if by_records else src.stat().st_size,
+        unit="rec" if by_records else "B",
+        unit_scale=not by_records,
+        desc=src.name,
+        disable=not progress,
+        file=sys.stderr,
         mininterval=0.5,
-    )  # fmt: skip
+    )
     digest = _FileDigest(None if by_records else bar)
     examples = iter_examples(src, on_raw_chunk=digest.update)
     read = kept = 0

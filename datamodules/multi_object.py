@@ -192,9 +192,12 @@ class MultiObjectDataModule(DTIDataModule):
             from dti_sprites.datamodules.download import download
 
             tfrecord = download(
-                self.dataset_name, self.path.parent, self.variant,
-                base_url=self.download_base_url, convert_after=False,
-            )  # fmt: skip
+                self.dataset_name,
+                self.path.parent,
+                self.variant,
+                base_url=self.download_base_url,
+                convert_after=False,
+            )
             convert(self.dataset_name, tfrecord, self.path, variant=self.variant)
         elif self.generate > 0:
             from dti_sprites.datamodules.convert import convert
@@ -203,11 +206,15 @@ class MultiObjectDataModule(DTIDataModule):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=self.path.parent, prefix=".synth-") as tmp:
                 tfrecord = write_synthetic(
-                    self.dataset_name, Path(tmp) / "synthetic.tfrecords", n=self.generate,
-                    seed=self.seed, variant=self.variant,
-                )  # fmt: skip
-                convert(self.dataset_name, tfrecord, self.path, variant=self.variant,
-                        progress=False)  # fmt: skip
+                    self.dataset_name,
+                    Path(tmp) / "synthetic.tfrecords",
+                    n=self.generate,
+                    seed=self.seed,
+                    variant=self.variant,
+                )
+                convert(
+                    self.dataset_name, tfrecord, self.path, variant=self.variant, progress=False
+                )
 
     def _create_hint(self) -> str:
         variant = f" --variant {self.variant}" if self.variant else ""
@@ -230,9 +237,15 @@ class MultiObjectDataModule(DTIDataModule):
                 raise FileNotFoundError(f"{self.path} not found. {self._create_hint()}")
             self._check_semantic_attr()
             n = check_file(
-                self.path, self._keys(), (), self.image_size, self.image_channels,
-                self.dataset_name, self.variant, self.num_semantic_classes,
-            )["image"][0]  # fmt: skip
+                self.path,
+                self._keys(),
+                (),
+                self.image_size,
+                self.image_channels,
+                self.dataset_name,
+                self.variant,
+                self.num_semantic_classes,
+            )["image"][0]
             self.splits = plan_splits(n, self.train_size, self.paper_eval_size, self.heldout_size)
             if len(self.splits.heldout) == 0:
                 self.eval_protocols = ("paper320",)

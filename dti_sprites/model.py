@@ -252,8 +252,9 @@ class DTISprites(nn.Module):
             raise ValueError(f"{path}: not a dti-sprites training checkpoint")
         model = cls(**checkpoint["dti_sprites_model"])
         prefix = "model."
-        state = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items()
-                 if k.startswith(prefix)}  # fmt: skip
+        state = {
+            k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)
+        }
         model.load_state_dict(state)
         return model.eval()
 
@@ -415,8 +416,9 @@ class DTISprites(nn.Module):
         backgrounds = self._render_backgrounds(b, bg_p)  # (B, M, C, H, W)
         penalty = self.candidate_penalty().to(image.dtype)
         if n_layers == 1:
-            choice, bg_choice = exhaustive_select(image, rgb[:, 0], alpha[:, 0], backgrounds,
-                                                  penalty)  # fmt: skip
+            choice, bg_choice = exhaustive_select(
+                image, rgb[:, 0], alpha[:, 0], backgrounds, penalty
+            )
             return choice[:, None], bg_choice
         return greedy_select(image, rgb, alpha, backgrounds, occ, self.greedy_passes, penalty)
 

@@ -69,12 +69,15 @@ class DTISpritesModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(
-            {"lr": float(lr), "weight_decay": float(weight_decay),
-             "encoder_lr_multiplier": float(encoder_lr_multiplier),
-             "encoder_updates_per_step": int(encoder_updates_per_step),
-             "prototype_lr_multiplier": float(prototype_lr_multiplier),
-             "init_images": int(init_images)}
-        )  # fmt: skip
+            {
+                "lr": float(lr),
+                "weight_decay": float(weight_decay),
+                "encoder_lr_multiplier": float(encoder_lr_multiplier),
+                "encoder_updates_per_step": int(encoder_updates_per_step),
+                "prototype_lr_multiplier": float(prototype_lr_multiplier),
+                "init_images": int(init_images),
+            }
+        )
         self.model = model
         # Sprite usage: choices per (layer, sprite) since the start, the empty sprite last. One
         # counter for every reader (epoch logging, reassignment, dashboard); each keeps its own
@@ -212,13 +215,16 @@ class DTISpritesModule(L.LightningModule):
                 "instance_fg": {"ari_fg": ARI(foreground_only=True)},
             }
             if n_semantic:
-                groups["semantic"] = {name: SemanticScore(n_semantic, k0 + 1, name)
-                                      for name in get_args(SemanticScoreName)}  # fmt: skip
+                groups["semantic"] = {
+                    name: SemanticScore(n_semantic, k0 + 1, name)
+                    for name in get_args(SemanticScoreName)
+                }
             return groups
         groups = {"foreground": {"fg_iou": ForegroundIoU()}}
         if n_classes:
-            groups["label"] = {name: ClusteringScore(n_classes, k0, name)
-                               for name in ("acc", "nmi")}  # fmt: skip
+            groups["label"] = {
+                name: ClusteringScore(n_classes, k0, name) for name in ("acc", "nmi")
+            }
         return groups
 
     def _make_metrics(self) -> None:
@@ -241,8 +247,11 @@ class DTISpritesModule(L.LightningModule):
         out = self.model(image)
         protocol = self.protocol(dataloader_idx)
         terms = self.objective(out)
-        self.log_dict({f"{stage}/{protocol}/{k}": v for k, v in terms.items()},
-                      sync_dist=True, add_dataloader_idx=False)  # fmt: skip
+        self.log_dict(
+            {f"{stage}/{protocol}/{k}": v for k, v in terms.items()},
+            sync_dist=True,
+            add_dataloader_idx=False,
+        )
         result: dict[str, Tensor] = {}
         inputs: dict[str, tuple[Tensor, Tensor]] = {}
         if "mask" in batch:
@@ -287,8 +296,12 @@ class DTISpritesModule(L.LightningModule):
 
     def metric_values(self, stage: str) -> dict[str, float]:
         """``<stage>/<protocol>/<metric>`` values of the last evaluation (as logged)."""
-        names = {name for key, collection in self.metrics.items() if key.startswith(f"{stage}__")
-                 for name in collection.keys(keep_base=False)}  # fmt: skip
+        names = {
+            name
+            for key, collection in self.metrics.items()
+            if key.startswith(f"{stage}__")
+            for name in collection.keys(keep_base=False)
+        }
         metrics = self.trainer.callback_metrics
         return {name: float(metrics[name]) for name in names if name in metrics}
 
@@ -337,9 +350,14 @@ class DTISpritesModule(L.LightningModule):
             groups[1]["params"] = encoder + heads
         else:
             groups.append(
-                {"name": "encoder", "params": encoder, "lr": lr * multiplier,
-                 "weight_decay": wd, "updates": updates}
-            )  # fmt: skip
+                {
+                    "name": "encoder",
+                    "params": encoder,
+                    "lr": lr * multiplier,
+                    "weight_decay": wd,
+                    "updates": updates,
+                }
+            )
         return groups
 
     def configure_optimizers(self) -> torch.optim.Optimizer:

@@ -90,8 +90,12 @@ class FinalTrainingLoss(L.Callback):
         mean = float(trainer.strategy.reduce(value, reduce_op="mean"))  # on every rank
         if not trainer.is_global_zero:
             return
-        record = {"k": int(pl_module.model.sprites.n_sprites), "final_loss": mean,
-                  "steps": int(trainer.global_step), "window": len(self.losses)}  # fmt: skip
+        record = {
+            "k": int(pl_module.model.sprites.n_sprites),
+            "final_loss": mean,
+            "steps": int(trainer.global_step),
+            "window": len(self.losses),
+        }
         with atomic_write(self.path) as tmp:
             tmp.write_text(json.dumps(record))
 
@@ -139,8 +143,10 @@ def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> list[dict[str, Any]
     losses = [r["final_loss"] for r in rows]
     distance = chord_distances(ks, losses)
     at = elbow(ks, losses)
-    full = [{**r, "distance": float(d), "elbow": int(r["k"] == at)}
-            for r, d in zip(rows, distance, strict=True)]  # fmt: skip
+    full = [
+        {**r, "distance": float(d), "elbow": int(r["k"] == at)}
+        for r, d in zip(rows, distance, strict=True)
+    ]
     with atomic_write(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         writer.writeheader()
@@ -178,8 +184,9 @@ def plot_sweep(
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default()
     draw.text((left, 6), title, fill="black", font=font)
-    draw.line([(left, top), (left, height - bottom), (width - right, height - bottom)],
-              fill="black")  # fmt: skip
+    draw.line(
+        [(left, top), (left, height - bottom), (width - right, height - bottom)], fill="black"
+    )
     for value in (y.min(), y.max()):
         _, v = px(x_lo, value)
         draw.line([(left - 4, v), (left, v)], fill="black")
@@ -199,8 +206,12 @@ def plot_sweep(
         for y0 in range(top, height - bottom, 8):  # dashed vertical line
             draw.line([(u, y0), (u, min(y0 + 4, height - bottom))], fill=(214, 39, 40))
         draw.ellipse([u - 7, v - 7, u + 7, v + 7], outline=(214, 39, 40), width=2)
-        draw.text((min(u + 10, width - 80), max(v - 20, top)), f"elbow K={elbow_k}",
-                  fill=(214, 39, 40), font=font)  # fmt: skip
+        draw.text(
+            (min(u + 10, width - 80), max(v - 20, top)),
+            f"elbow K={elbow_k}",
+            fill=(214, 39, 40),
+            font=font,
+        )
     return image
 
 
@@ -228,10 +239,12 @@ def parser() -> argparse.ArgumentParser:
     )
     k.add_argument("--config", type=Path, required=True, help="a LightningCLI fit config")
     k.add_argument("--k", type=int, nargs="+", required=True, help="values of K to train")
-    k.add_argument("--out", type=Path, default=None,
-                   help="output folder (default runs/k_sweep/<config name>)")  # fmt: skip
-    k.add_argument("--window", type=int, default=50,
-                   help="training steps averaged into the final loss")  # fmt: skip
+    k.add_argument(
+        "--out", type=Path, default=None, help="output folder (default runs/k_sweep/<config name>)"
+    )
+    k.add_argument(
+        "--window", type=int, default=50, help="training steps averaged into the final loss"
+    )
     return p
 
 
@@ -343,8 +356,9 @@ def main(argv: list[str] | None = None) -> int:
         write_csv(rows, out / "k_sweep.csv")
     full = write_csv(rows, out / "k_sweep.csv")
     at = next((r["k"] for r in full if r["elbow"]), None)
-    _save_png(plot_sweep([r["k"] for r in full], [r["final_loss"] for r in full], at),
-              out / "k_sweep.png")  # fmt: skip
+    _save_png(
+        plot_sweep([r["k"] for r in full], [r["final_loss"] for r in full], at), out / "k_sweep.png"
+    )
     for r in full:
         mark = "  <- elbow" if r["elbow"] else ""
         print(f"K={r['k']:>4}  final loss {r['final_loss']:.6g}{mark}")

@@ -54,8 +54,7 @@ class SquaresDataModule(DTIDataModule):
                 images[i, :, r : r + side, c : c + side] = torch.rand(3, 1, 1, generator=g)
                 mask[i, r : r + side, c : c + side] = obj
                 semantic[i, r : r + side, c : c + side] = cls
-        self.data = {"image": images, "mask": mask, "semantic": semantic,
-                     "index": torch.arange(n)}  # fmt: skip
+        self.data = {"image": images, "mask": mask, "semantic": semantic, "index": torch.arange(n)}
 
     def _loader(self, shuffle: bool = False) -> DataLoader:
         dataset = [{k: v[i] for k, v in self.data.items()} for i in range(len(self.data["image"]))]
@@ -102,8 +101,9 @@ def experiment_data(tmp_path_factory):
         ("MultiDSpritesDataModule", "multi_dsprites", "multi_dsprites", "colored_on_grayscale", 12),
         ("CLEVR6DataModule", "clevr6", "clevr_with_masks", None, 40),
     ]:
-        tfrecord = write_synthetic(source, root / f"{dataset}.tfrecords", n=n, seed=0,
-                                   variant=variant)  # fmt: skip
+        tfrecord = write_synthetic(
+            source, root / f"{dataset}.tfrecords", n=n, seed=0, variant=variant
+        )
         convert(dataset, tfrecord, root / f"{dataset}.h5", variant=variant, progress=False)
         out[module] = root / f"{dataset}.h5"
     rng = np.random.default_rng(0)

@@ -60,12 +60,21 @@ def main(out: Path) -> None:
     )
     module = DTISpritesModule(model, lr=1e-2)
     trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_epochs=3, limit_val_batches=0,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_epochs=3,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[SpriteFreeze(epochs=1), SpriteReassignment(every_n_steps=3, threshold=10.0),
-                   Record(out)],
-    )  # fmt: skip
+        callbacks=[
+            SpriteFreeze(epochs=1),
+            SpriteReassignment(every_n_steps=3, threshold=10.0),
+            Record(out),
+        ],
+    )
     # 48 scenes, batch 4 per process: 6 steps per epoch, 18 in all.
     trainer.fit(module, SquaresDataModule(n=48, batch_size=4))
 

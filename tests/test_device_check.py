@@ -15,10 +15,20 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_device_check_runs_on_the_cpu_and_appends_its_results(tmp_path):
     results = tmp_path / "RESULTS.md"
     results.write_text("# Benchmark results\n")
-    env = {**os.environ, "DEVICE_CHECK_RESULTS": str(results), "PYTHON": sys.executable,
-           "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}  # fmt: skip
-    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "device_check.sh"), "--tiny"],
-                          env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    env = {
+        **os.environ,
+        "DEVICE_CHECK_RESULTS": str(results),
+        "PYTHON": sys.executable,
+        "CUDA_VISIBLE_DEVICES": "",
+        "OMP_NUM_THREADS": "1",
+    }
+    done = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "device_check.sh"), "--tiny"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     text = results.read_text()
     assert text.startswith("# Benchmark results\n")  # appended, nothing lost

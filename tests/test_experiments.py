@@ -27,8 +27,11 @@ ABLATION_DELTAS = {
 
 def composed(ablation: Path) -> list[Path]:
     """The ``--config`` files of the ``dti-sprites fit`` command in an ablation's header."""
-    (command,) = [line for line in ablation.read_text().splitlines()
-                  if line.startswith("#   dti-sprites fit ")]  # fmt: skip
+    (command,) = [
+        line
+        for line in ablation.read_text().splitlines()
+        if line.startswith("#   dti-sprites fit ")
+    ]
     return [EXPERIMENTS.parent / path for path in re.findall(r"--config (\S+)", command)]
 
 
@@ -37,8 +40,16 @@ RUNS = [[config] for config in BASES] + [composed(ablation) for ablation in ABLA
 
 def test_every_paper_experiment_has_a_config():
     names = {p.stem for p in BASES}
-    assert {"tetrominoes", "multidsprites", "clevr6", "demo", "gtsrb8", "svhn", "horse",
-            "instagram"} <= names  # fmt: skip
+    assert {
+        "tetrominoes",
+        "multidsprites",
+        "clevr6",
+        "demo",
+        "gtsrb8",
+        "svhn",
+        "horse",
+        "instagram",
+    } <= names
 
 
 def test_every_ablation_is_a_few_line_delta_on_its_base():
@@ -67,14 +78,22 @@ def test_config_trains_one_step(configs, experiment_data, tmp_path, monkeypatch)
     location = "path" if "path" in specs[0]["data"]["init_args"] else "root"
     model = {k: v for spec in specs for k, v in spec["model"]["model"]["init_args"].items()}
     root = tmp_path / specs[-1]["trainer"]["default_root_dir"]
-    main([
-        "fit", *(arg for config in configs for arg in ("--config", str(config))),
-        f"--data.init_args.{location}={experiment_data[data_class]}",
-        "--data.init_args.batch_size=2", "--data.init_args.num_workers=0",
-        "--trainer.max_steps=1", "--trainer.max_epochs=1", "--trainer.limit_val_batches=1",
-        "--trainer.check_val_every_n_epoch=null", "--trainer.val_check_interval=1",
-        "--trainer.logger=false", "--trainer.enable_progress_bar=false",
-    ])  # fmt: skip
+    main(
+        [
+            "fit",
+            *(arg for config in configs for arg in ("--config", str(config))),
+            f"--data.init_args.{location}={experiment_data[data_class]}",
+            "--data.init_args.batch_size=2",
+            "--data.init_args.num_workers=0",
+            "--trainer.max_steps=1",
+            "--trainer.max_epochs=1",
+            "--trainer.limit_val_batches=1",
+            "--trainer.check_val_every_n_epoch=null",
+            "--trainer.val_check_interval=1",
+            "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
     checkpoints = list(tmp_path.rglob("last.ckpt"))
     assert checkpoints == [root / "checkpoints" / "last.ckpt"]  # in the root the configs set
     # Loadable without unpickling arbitrary classes (typed CLI values are saved as builtins).
@@ -92,11 +111,14 @@ def test_demo_fit_test_predict_through_the_cli(experiment_data, tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     root = tmp_path / "run"
     common = [
-        "--config", str(EXPERIMENTS / "demo.yaml"),
+        "--config",
+        str(EXPERIMENTS / "demo.yaml"),
         f"--data.init_args.path={experiment_data['TetrominoesDataModule']}",
-        "--data.init_args.batch_size=4", "--trainer.logger=false",
-        f"--trainer.default_root_dir={root}", "--trainer.enable_progress_bar=false",
-    ]  # fmt: skip
+        "--data.init_args.batch_size=4",
+        "--trainer.logger=false",
+        f"--trainer.default_root_dir={root}",
+        "--trainer.enable_progress_bar=false",
+    ]
     main(["fit", *common, "--trainer.max_steps=2"])
     assert (root / "checkpoints" / "last.ckpt").exists()
     with warnings.catch_warnings():  # Lightning only warns when "last" finds no checkpoint

@@ -10,10 +10,22 @@ ROOT = Path(__file__).parents[1]
 
 def test_wheel_maps_datamodules_and_callbacks_under_dti_sprites(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(tmp_path), str(ROOT)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     (wheel,) = tmp_path.glob("dti_sprites-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
@@ -32,10 +44,13 @@ def test_wheel_maps_datamodules_and_callbacks_under_dti_sprites(tmp_path):
 
 
 def test_editable_install_imports_the_mapped_packages_from_anywhere(tmp_path):
-    code = ("import dti_sprites.datamodules as d, dti_sprites.callbacks as c; "
-            "print(d.TetrominoesDataModule.__module__, c.SpriteFreeze.__module__)")  # fmt: skip
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
-                            text=True, timeout=120)  # fmt: skip
+    code = (
+        "import dti_sprites.datamodules as d, dti_sprites.callbacks as c; "
+        "print(d.TetrominoesDataModule.__module__, c.SpriteFreeze.__module__)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == [
         "dti_sprites.datamodules.multi_object",

@@ -8,9 +8,19 @@ from dti_sprites.callbacks import Curriculum, LRDrops, SpriteFreeze, SpriteReass
 from dti_sprites.model import DTISprites
 from dti_sprites.module import DTISpritesModule
 
-MODEL = dict(image_size=20, n_sprites=3, n_layers=2, n_backgrounds=1, sprite_size=12, mask_std=3,
-             empty_sprite=True, occlusion="predicted", greedy_passes=1,
-             sprite_transforms=["similarity"], background_transforms=["color"])  # fmt: skip
+MODEL = dict(
+    image_size=20,
+    n_sprites=3,
+    n_layers=2,
+    n_backgrounds=1,
+    sprite_size=12,
+    mask_std=3,
+    empty_sprite=True,
+    occlusion="predicted",
+    greedy_passes=1,
+    sprite_transforms=["similarity"],
+    background_transforms=["color"],
+)
 
 
 class Probe(L.Callback):
@@ -22,22 +32,31 @@ class Probe(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if batch_idx == 0:
             model = pl_module.model
-            self.seen.append({
-                "epoch": trainer.current_epoch,
-                "sprite_active": int(model.sprite_transforms.n_active),
-                "frozen": bool(model.sprites_frozen),
-                "lr": [g["lr"] for g in trainer.optimizers[0].param_groups],
-                "appearance": model.sprites.appearance.detach().clone(),
-            })  # fmt: skip
+            self.seen.append(
+                {
+                    "epoch": trainer.current_epoch,
+                    "sprite_active": int(model.sprite_transforms.n_active),
+                    "frozen": bool(model.sprites_frozen),
+                    "lr": [g["lr"] for g in trainer.optimizers[0].param_groups],
+                    "appearance": model.sprites.appearance.detach().clone(),
+                }
+            )
 
 
 def fit(tmp_path, squares, callbacks, epochs=3, batches=2, lr=1e-2, **model):
     torch.manual_seed(0)
     module = DTISpritesModule(DTISprites(**{**MODEL, **model}), lr=lr)
     probe = Probe()
-    trainer = L.Trainer(default_root_dir=tmp_path, max_epochs=epochs, limit_train_batches=batches,
-                        limit_val_batches=0, logger=False, enable_progress_bar=False,
-                        enable_checkpointing=False, callbacks=[*callbacks, probe])  # fmt: skip
+    trainer = L.Trainer(
+        default_root_dir=tmp_path,
+        max_epochs=epochs,
+        limit_train_batches=batches,
+        limit_val_batches=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        callbacks=[*callbacks, probe],
+    )
     trainer.fit(module, squares(n=8))
     return module, probe.seen
 
@@ -73,8 +92,11 @@ def test_lr_drops_apply_per_group_gammas(tmp_path, squares):
 
 
 def test_lr_drops_give_a_separate_encoder_group_the_networks_gamma():
-    module = DTISpritesModule(DTISprites(image_size=20, n_sprites=3, n_layers=2, sprite_size=12),
-                              lr=1e-2, encoder_updates_per_step=3)  # fmt: skip
+    module = DTISpritesModule(
+        DTISprites(image_size=20, n_sprites=3, n_layers=2, sprite_size=12),
+        lr=1e-2,
+        encoder_updates_per_step=3,
+    )
     optimizer = module.configure_optimizers()
     trainer = SimpleNamespace(optimizers=[optimizer], current_epoch=1)
     LRDrops(milestones=[1], gammas=[1.0, 0.1]).on_train_epoch_start(trainer, module)

@@ -23,9 +23,19 @@ from dti_sprites.callbacks.dashboard import EvalRecords
 from dti_sprites.model import DTISprites
 from dti_sprites.module import DTISpritesModule, usage_counts
 
-MODEL = dict(image_size=20, n_sprites=3, n_layers=2, n_backgrounds=1, sprite_size=12, mask_std=3,
-             empty_sprite=False, occlusion="predicted", greedy_passes=1,
-             sprite_transforms=["similarity"], background_transforms=["color"])  # fmt: skip
+MODEL = dict(
+    image_size=20,
+    n_sprites=3,
+    n_layers=2,
+    n_backgrounds=1,
+    sprite_size=12,
+    mask_std=3,
+    empty_sprite=False,
+    occlusion="predicted",
+    greedy_passes=1,
+    sprite_transforms=["similarity"],
+    background_transforms=["color"],
+)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -54,24 +64,41 @@ def test_dashboard_writes_wandb_media_offline_and_the_same_pngs(offline_wandb, s
     reassignment = SpriteReassignment(every_n_steps=1, threshold=10.0)  # fires after the freeze
     dashboard = SpriteDashboard(every_n_steps=2, n_worst=3)
     trainer = L.Trainer(
-        default_root_dir=tmp_path, max_epochs=2, limit_train_batches=2, limit_val_batches=1,
-        logger=[wandb_logger, CSVLogger(tmp_path / "csv")], log_every_n_steps=1,
-        enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+        default_root_dir=tmp_path,
+        max_epochs=2,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        logger=[wandb_logger, CSVLogger(tmp_path / "csv")],
+        log_every_n_steps=1,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
         callbacks=[Curriculum(sprite=[1]), SpriteFreeze(epochs=1), reassignment, dashboard],
-    )  # fmt: skip
+    )
     module = DTISpritesModule(DTISprites(**MODEL), lr=1e-2)
     data = squares(n=8)
     trainer.fit(module, data)
     # One dict per protocol (dataloader): each protocol's metrics are logged with its batches.
-    results = {k: v for per_loader in trainer.test(module, data, verbose=False)
-               for k, v in per_loader.items()}  # fmt: skip
+    results = {
+        k: v
+        for per_loader in trainer.test(module, data, verbose=False)
+        for k, v in per_loader.items()
+    }
     wandb_logger.experiment.finish()
 
     # PNGs and CSVs in the run folder, for a user without W&B.
     folder = run_dir(trainer)
     assert folder.parent == tmp_path / "dash"
-    for name in ("sprites", "backgrounds", "decompositions", "usage", "val_paper320_worst",
-                 "val_heldout_worst", "test_paper320_worst", "test_heldout_worst"):  # fmt: skip
+    for name in (
+        "sprites",
+        "backgrounds",
+        "decompositions",
+        "usage",
+        "val_paper320_worst",
+        "val_heldout_worst",
+        "test_paper320_worst",
+        "test_heldout_worst",
+    ):
         assert (folder / "images" / f"{name}.png").is_file(), name
     assert not list(folder.rglob("*.partial"))  # no temporary file of atomic_write left
 
@@ -82,8 +109,12 @@ def test_dashboard_writes_wandb_media_offline_and_the_same_pngs(offline_wandb, s
         (e["step"], e["src"], e["dst"]) for e in events
     ]
     usage = read_csv(folder / "tables" / "usage.csv")
-    assert [(r["layer"], r["sprite"]) for r in usage[:4]] == [("0", "0"), ("0", "1"), ("0", "2"),
-                                                              ("0", "empty")]  # fmt: skip
+    assert [(r["layer"], r["sprite"]) for r in usage[:4]] == [
+        ("0", "0"),
+        ("0", "1"),
+        ("0", "2"),
+        ("0", "empty"),
+    ]
     for layer in ("0", "1"):  # steps 3-4 since the drawing at step 2: 2 batches of 4 images
         assert sum(int(r["count"]) for r in usage if r["layer"] == layer) == 8
         assert sum(float(r["share"]) for r in usage if r["layer"] == layer) == pytest.approx(1)
@@ -104,9 +135,15 @@ def test_dashboard_writes_wandb_media_offline_and_the_same_pngs(offline_wandb, s
 
     # Curriculum and freeze stage as logged scalars, per step.
     logged = read_csv(Path(trainer.loggers[1].log_dir) / "metrics.csv")
-    stage = [(int(r["step"]), float(r["stage/sprites_frozen"]),
-              float(r["stage/active_sprite_transforms"]))
-             for r in logged if r.get("stage/sprites_frozen")]  # fmt: skip
+    stage = [
+        (
+            int(r["step"]),
+            float(r["stage/sprites_frozen"]),
+            float(r["stage/active_sprite_transforms"]),
+        )
+        for r in logged
+        if r.get("stage/sprites_frozen")
+    ]
     assert stage == [(0, 1.0, 0.0), (1, 1.0, 0.0), (2, 0.0, 1.0), (3, 0.0, 1.0)]
 
     # The offline W&B run folder holds the images and the tables.
@@ -116,17 +153,26 @@ def test_dashboard_writes_wandb_media_offline_and_the_same_pngs(offline_wandb, s
         (*p.relative_to(media / "images").parts[:-1], p.name.rsplit("_", 2)[0])
         for p in (media / "images").rglob("*.png")
     }
-    for name in (("dashboard", "sprites"), ("dashboard", "backgrounds"),
-                 ("dashboard", "decompositions"), ("dashboard", "usage"),
-                 ("val", "paper320", "worst"), ("test", "heldout", "worst")):  # fmt: skip
+    for name in (
+        ("dashboard", "sprites"),
+        ("dashboard", "backgrounds"),
+        ("dashboard", "decompositions"),
+        ("dashboard", "usage"),
+        ("val", "paper320", "worst"),
+        ("test", "heldout", "worst"),
+    ):
         assert name in images, name
     # The last decomposition logged is the labelled picture of images/decompositions.png.
-    logged = max((media / "images" / "dashboard").glob("decompositions_*.png"),
-                 key=lambda p: int(p.name.rsplit("_", 2)[1]))  # fmt: skip
+    logged = max(
+        (media / "images" / "dashboard").glob("decompositions_*.png"),
+        key=lambda p: int(p.name.rsplit("_", 2)[1]),
+    )
     with Image.open(logged) as a, Image.open(folder / "images" / "decompositions.png") as b:
         np.testing.assert_array_equal(np.asarray(a.convert("RGB")), np.asarray(b))
-    tables = {str(p.relative_to(media / "table")).rsplit("_", 2)[0]: p
-              for p in (media / "table").rglob("*.table.json")}  # fmt: skip
+    tables = {
+        str(p.relative_to(media / "table")).rsplit("_", 2)[0]: p
+        for p in (media / "table").rglob("*.table.json")
+    }
     for name in (
         "dashboard/usage_table",
         "dashboard/usage_layer0_table",
@@ -139,8 +185,15 @@ def test_dashboard_writes_wandb_media_offline_and_the_same_pngs(offline_wandb, s
     ):
         assert name in tables, name
     logged_table = json.loads(tables["test/ari_fg_table"].read_text())
-    assert logged_table["columns"] == ["protocol", "index", "ari_fg", "image", "reconstruction",
-                                       "instance", "ground_truth"]  # fmt: skip
+    assert logged_table["columns"] == [
+        "protocol",
+        "index",
+        "ari_fg",
+        "image",
+        "reconstruction",
+        "instance",
+        "ground_truth",
+    ]
     assert len(logged_table["data"]) == 16
     with_thumbnails = [row for row in logged_table["data"] if row[3] is not None]
     assert len(with_thumbnails) == 6  # the 3 worst of each protocol
@@ -156,14 +209,21 @@ def test_dashboard_writes_wandb_media_offline_and_the_same_pngs(offline_wandb, s
 
 def test_dashboard_without_logger_on_single_object_data(tmp_path, squares):
     torch.manual_seed(0)
-    model = DTISprites(image_size=20, n_sprites=2, n_layers=1, n_backgrounds=1, sprite_size=12,
-                       mask_std=3)  # fmt: skip
+    model = DTISprites(
+        image_size=20, n_sprites=2, n_layers=1, n_backgrounds=1, sprite_size=12, mask_std=3
+    )
     dashboard = SpriteDashboard(every_n_steps=1, n_images=3)
     trainer = L.Trainer(
-        default_root_dir=tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=1,
-        logger=False, enable_progress_bar=False, enable_checkpointing=False,
-        enable_model_summary=False, callbacks=[dashboard],
-    )  # fmt: skip
+        default_root_dir=tmp_path,
+        max_epochs=1,
+        limit_train_batches=1,
+        limit_val_batches=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        callbacks=[dashboard],
+    )
     trainer.fit(DTISpritesModule(model), squares(n=8))
     for name in ("sprites", "backgrounds", "decompositions", "usage"):
         assert (tmp_path / "images" / f"{name}.png").is_file(), name
@@ -179,15 +239,21 @@ def test_dashboard_zoom_enlarges_the_pictures(tmp_path, squares):
     sizes = {}
     for zoom in (1, 3):  # the same seeded run drawn at two zooms
         torch.manual_seed(0)
-        model = DTISprites(image_size=20, n_sprites=2, n_layers=1, n_backgrounds=1,
-                           sprite_size=12, mask_std=3)  # fmt: skip
+        model = DTISprites(
+            image_size=20, n_sprites=2, n_layers=1, n_backgrounds=1, sprite_size=12, mask_std=3
+        )
         folder = tmp_path / f"zoom{zoom}"
         trainer = L.Trainer(
-            default_root_dir=folder, max_epochs=1, limit_train_batches=1,
-            limit_val_batches=0, logger=False, enable_progress_bar=False,
-            enable_checkpointing=False, enable_model_summary=False,
+            default_root_dir=folder,
+            max_epochs=1,
+            limit_train_batches=1,
+            limit_val_batches=0,
+            logger=False,
+            enable_progress_bar=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
             callbacks=[SpriteDashboard(every_n_steps=100, n_images=2, zoom=zoom)],
-        )  # fmt: skip
+        )
         trainer.fit(DTISpritesModule(model), squares(n=4))
         for name in ("sprites", "decompositions"):
             with Image.open(folder / "images" / f"{name}.png") as picture:
@@ -214,8 +280,7 @@ def test_eval_records_keep_the_worst_images_and_merge_ranks():
     records.add(torch.tensor([0.1, 0.5, 1.0]), torch.tensor([3, 4, 5]), images[3:], masks[3:])
     assert records.index == [0, 1, 2, 3, 4, 5]
     assert records.worst_index.tolist() == [3, 1, 2]  # ascending score, ties by index
-    torch.testing.assert_close(records.worst_image[0],
-                               (images[3] * 255).round().byte())  # fmt: skip
+    torch.testing.assert_close(records.worst_image[0], (images[3] * 255).round().byte())
     assert torch.equal(records.worst_mask[1], masks[1].byte())
     other = EvalRecords(capacity=3)  # another rank, with one padded duplicate (index 5)
     other.add(torch.tensor([0.0, 1.0]), torch.tensor([6, 5]), images[:2], masks[:2])
@@ -256,8 +321,9 @@ def test_dashboard_gathers_per_image_rows_from_every_ddp_rank(tmp_path):
     script = tmp_path / "ddp_dashboard.py"
     script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parents[1]), out=str(tmp_path)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PL_DISABLE_FORK": "1"}
-    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
-                            text=True, timeout=300)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     results = torch.load(tmp_path / "results.pt", weights_only=False)
     rows = read_csv(tmp_path / "tables" / "test_ari_fg.csv")

@@ -315,9 +315,14 @@ def test_objects_room_has_no_semantic(tmp_path: Path) -> None:
 
 def test_multi_dsprites_binarized_becomes_rgb(tmp_path: Path) -> None:
     path = write_h5(
-        tmp_path / "b.h5", 12, size=64, dataset="multi_dsprites", variant="binarized",
-        channels=1, classes=4,
-    )  # fmt: skip
+        tmp_path / "b.h5",
+        12,
+        size=64,
+        dataset="multi_dsprites",
+        variant="binarized",
+        channels=1,
+        classes=4,
+    )
     dm = MultiDSpritesDataModule(str(path), variant="binarized", batch_size=4, num_workers=0)
     with pytest.warns(UserWarning, match="holds 12 records"):
         dm.setup("fit")
@@ -339,9 +344,13 @@ def test_clevr6_semantic_classes_from_the_file(tmp_path: Path) -> None:
     # Without a file: background + shape × material = 7.
     assert CLEVR6DataModule(str(tmp_path / "none.h5")).num_semantic_classes == 7
     path = write_h5(
-        tmp_path / "c.h5", 12, size=128, dataset="clevr6", classes=9,
+        tmp_path / "c.h5",
+        12,
+        size=128,
+        dataset="clevr6",
+        classes=9,
         attrs={"num_semantic_classes": 9},
-    )  # fmt: skip
+    )
     dm = CLEVR6DataModule(str(path), num_workers=0)
     assert dm.num_semantic_classes == 9 and dm.image_size == (128, 128)
     assert dm.train_size == 34_963
@@ -402,9 +411,11 @@ def _bad_files(tmp_path: Path) -> list[tuple[str, Path, str]]:
         dataset="clevr6",
     )
     case(
-        "other_size", r"'image' has shape \(20, 64, 64, 3\), expected \(N, 35, 35, 3\)",
-        dataset=None, size=64,
-    )  # fmt: skip
+        "other_size",
+        r"'image' has shape \(20, 64, 64, 3\), expected \(N, 35, 35, 3\)",
+        dataset=None,
+        size=64,
+    )
     case("labels", r"'semantic' holds label 2[0-9] .* expected labels < 20", classes=30)
     with h5py.File(
         case("no_mask", r"missing dataset 'mask', expected \(N, 35, 35\) uint8"), "a"
@@ -447,9 +458,13 @@ def test_bad_files_fail_at_setup_naming_file_key_and_expectation(tmp_path: Path)
 
 def test_wrong_variant_is_rejected(tmp_path: Path) -> None:
     path = write_h5(
-        tmp_path / "m.h5", 20, size=64, dataset="multi_dsprites", variant="colored_on_colored",
+        tmp_path / "m.h5",
+        20,
+        size=64,
+        dataset="multi_dsprites",
+        variant="colored_on_colored",
         classes=4,
-    )  # fmt: skip
+    )
     dm = MultiDSpritesDataModule(str(path), variant="colored_on_grayscale")
     with pytest.raises(HDF5FormatError, match="'variant' is 'colored_on_colored'"):
         dm.setup("fit")
@@ -473,9 +488,14 @@ class _Probe(L.LightningModule):
 
 def _trainer() -> L.Trainer:
     return L.Trainer(
-        max_steps=2, limit_val_batches=0, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
-    )  # fmt: skip
+        max_steps=2,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
 
 
 def test_trainer_gets_contract_batches_and_bad_files_stop_it_first(tmp_path: Path) -> None:
@@ -522,9 +542,16 @@ def test_generate_round_trip(
     path = tmp_path / "data" / "generated.h5"
     extra = {} if variant is None else {"variant": variant}
     dm = cls(
-        str(path), batch_size=4, num_workers=0, train_size=10, paper_eval_size=4,
-        heldout_size=3, generate=n, seed=5, **extra,
-    )  # fmt: skip
+        str(path),
+        batch_size=4,
+        num_workers=0,
+        train_size=10,
+        paper_eval_size=4,
+        heldout_size=3,
+        generate=n,
+        seed=5,
+        **extra,
+    )
     assert not path.exists()
     dm.prepare_data()
     assert path.is_file()

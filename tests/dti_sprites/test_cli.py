@@ -21,8 +21,10 @@ def script(name: str) -> str:
     folder = sysconfig.get_path("scripts")
     path = shutil.which(name, path=folder)
     if path is None:
-        pytest.fail(f"console script {name!r} not found in {folder}: install the package into "
-                    f"the environment of {sys.executable} (pip install -e .)")  # fmt: skip
+        pytest.fail(
+            f"console script {name!r} not found in {folder}: install the package into "
+            f"the environment of {sys.executable} (pip install -e .)"
+        )
     return path
 
 
@@ -70,8 +72,16 @@ def test_bad_values_and_misspelt_keys_fail_at_parse_time_naming_the_key(override
 
 def test_sprite_canvas_larger_than_the_image_is_rejected_before_training(tmp_path):
     with pytest.raises(ValueError, match="sprite_size"):
-        main(["fit", "--config", DEMO, "--model.model.init_args.sprite_size=40",
-              f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false"])  # fmt: skip
+        main(
+            [
+                "fit",
+                "--config",
+                DEMO,
+                "--model.model.init_args.sprite_size=40",
+                f"--trainer.default_root_dir={tmp_path}",
+                "--trainer.logger=false",
+            ]
+        )
 
 
 def test_two_roots_share_nothing_and_last_resumes_its_own_root(
@@ -89,15 +99,26 @@ def test_two_roots_share_nothing_and_last_resumes_its_own_root(
 
     def fit(root, steps, *extra):
         # FinalTrainingLoss records the global step and how many steps this process trained.
-        record = {"class_path": "dti_sprites.sweep.FinalTrainingLoss",
-                  "init_args": {"path": str(root / "record.json"), "window": 100}}  # fmt: skip
+        record = {
+            "class_path": "dti_sprites.sweep.FinalTrainingLoss",
+            "init_args": {"path": str(root / "record.json"), "window": 100},
+        }
         try:
-            main(["fit", "--config", DEMO,
-                  f"--data.init_args.path={experiment_data['TetrominoesDataModule']}",
-                  "--data.init_args.batch_size=2", f"--trainer.default_root_dir={root}",
-                  f"--trainer.max_steps={steps}", "--trainer.enable_progress_bar=false",
-                  "--trainer.enable_model_summary=false",
-                  f"--trainer.callbacks+={json.dumps(record)}", *extra])  # fmt: skip
+            main(
+                [
+                    "fit",
+                    "--config",
+                    DEMO,
+                    f"--data.init_args.path={experiment_data['TetrominoesDataModule']}",
+                    "--data.init_args.batch_size=2",
+                    f"--trainer.default_root_dir={root}",
+                    f"--trainer.max_steps={steps}",
+                    "--trainer.enable_progress_bar=false",
+                    "--trainer.enable_model_summary=false",
+                    f"--trainer.callbacks+={json.dumps(record)}",
+                    *extra,
+                ]
+            )
         finally:
             wandb.finish()  # one W&B run per fit, as in separate processes
         return json.loads((root / "record.json").read_text())

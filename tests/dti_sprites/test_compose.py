@@ -133,8 +133,11 @@ def test_batched_greedy_matches_reference(n_layers, k, m, passes, empty, occlusi
         sprite_alpha[:, :, -1] = 0
         penalty[-1] = 0
     backgrounds = torch.rand(b, m, 3, size, size)
-    occ = random_occlusion(b, n_layers) if occlusion == "predicted" else Occlusion(
-        n_layers, "fixed")(torch.rand(b, 4))  # fmt: skip
+    occ = (
+        random_occlusion(b, n_layers)
+        if occlusion == "predicted"
+        else Occlusion(n_layers, "fixed")(torch.rand(b, 4))
+    )
     # The batched selection scores the empty sprite without a rendered candidate.
     k0 = k - 1 if empty else k
     choice, bg = greedy_select(
@@ -206,9 +209,12 @@ def test_exhaustive_scores_the_empty_sprite_like_a_zero_candidate():
     penalty = torch.tensor([1e-3] * k0 + [0.0])
     zeros = torch.zeros_like(rgb[:, :1])
     explicit = exhaustive_select(
-        image, torch.cat([rgb, zeros], 1), torch.cat([alpha, zeros[:, :, :1]], 1), backgrounds,
+        image,
+        torch.cat([rgb, zeros], 1),
+        torch.cat([alpha, zeros[:, :, :1]], 1),
+        backgrounds,
         penalty,
-    )  # fmt: skip
+    )
     virtual = exhaustive_select(image, rgb, alpha, backgrounds, penalty)
     assert torch.equal(explicit[0], virtual[0]) and torch.equal(explicit[1], virtual[1])
     assert (virtual[0][:4] == k0).all() and (virtual[1][:4] == 1).all()

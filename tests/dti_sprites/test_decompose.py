@@ -14,9 +14,19 @@ from dti_sprites.io import partial_path
 from dti_sprites.model import DTISprites
 from dti_sprites.module import DTISpritesModule
 
-MODEL = dict(image_size=20, n_sprites=3, n_layers=2, n_backgrounds=1, sprite_size=12, mask_std=3,
-             empty_sprite=True, occlusion="predicted", greedy_passes=1,
-             sprite_transforms=["similarity"], background_transforms=["color"])  # fmt: skip
+MODEL = dict(
+    image_size=20,
+    n_sprites=3,
+    n_layers=2,
+    n_backgrounds=1,
+    sprite_size=12,
+    mask_std=3,
+    empty_sprite=True,
+    occlusion="predicted",
+    greedy_passes=1,
+    sprite_transforms=["similarity"],
+    background_transforms=["color"],
+)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -28,10 +38,21 @@ def ckpt(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ckpt")
     torch.manual_seed(0)
     module = DTISpritesModule(DTISprites(**MODEL), lr=1e-2)
-    data = DataLoader([{"image": torch.from_numpy(scenes(4, 3, seed=i)[0]).permute(2, 0, 1) / 255}
-                       for i in range(8)], batch_size=4)  # fmt: skip
-    trainer = L.Trainer(default_root_dir=tmp, max_steps=1, logger=False, enable_progress_bar=False,
-                        enable_checkpointing=False, enable_model_summary=False)  # fmt: skip
+    data = DataLoader(
+        [
+            {"image": torch.from_numpy(scenes(4, 3, seed=i)[0]).permute(2, 0, 1) / 255}
+            for i in range(8)
+        ],
+        batch_size=4,
+    )
+    trainer = L.Trainer(
+        default_root_dir=tmp,
+        max_steps=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, data)
     trainer.save_checkpoint(tmp / "model.ckpt")
     return tmp / "model.ckpt"
@@ -67,8 +88,20 @@ def test_hdf5_input_gives_the_model_arrays_pngs_and_json(tmp_path, ckpt, channel
     source_index = np.arange(100, 105, dtype=np.int64) if source else None
     write_h5(tmp_path / "in.h5", images, source_index)
     out, png = tmp_path / "pred" / "predictions.h5", tmp_path / "png"
-    argv = ["--ckpt", str(ckpt), "--input", str(tmp_path / "in.h5"), "--out", str(out),
-            "--png", str(png), "--batch-size", "2", "--device", "cpu"]  # fmt: skip
+    argv = [
+        "--ckpt",
+        str(ckpt),
+        "--input",
+        str(tmp_path / "in.h5"),
+        "--out",
+        str(out),
+        "--png",
+        str(png),
+        "--batch-size",
+        "2",
+        "--device",
+        "cpu",
+    ]
     assert main(argv) == 0
     arrays, params = expected(ckpt, np.repeat(images, 3 // channels, axis=3))
     with h5py.File(out) as f:
@@ -76,8 +109,9 @@ def test_hdf5_input_gives_the_model_arrays_pngs_and_json(tmp_path, ckpt, channel
             assert f[key].dtype == value.dtype, key
             np.testing.assert_array_equal(f[key][()], value, err_msg=key)
         assert f["index"][()].tolist() == list(range(5))
-        assert f["source_index"][()].tolist() == (list(range(100, 105)) if source else
-                                                  list(range(5)))  # fmt: skip
+        assert f["source_index"][()].tolist() == (
+            list(range(100, 105)) if source else list(range(5))
+        )
         assert f.attrs["input"] == str(tmp_path / "in.h5")
         assert json.loads(f.attrs["model_config"])["n_sprites"] == 3
     assert not partial_path(tmp_path / "pred" / "predictions.h5").exists()
@@ -98,11 +132,15 @@ def test_hdf5_input_gives_the_model_arrays_pngs_and_json(tmp_path, ckpt, channel
         assert record["sprite_choice"] == [None if k < 0 else k for k in choice]
         for layer, entry in enumerate(record["layers"]):
             assert entry["sprite"] == (None if choice[layer] < 0 else choice[layer])
-            np.testing.assert_allclose(entry["params"]["layer/position"],
-                                       params["layer/position"][i, layer], rtol=1e-6)  # fmt: skip
+            np.testing.assert_allclose(
+                entry["params"]["layer/position"], params["layer/position"][i, layer], rtol=1e-6
+            )
             assert ("sprite/similarity" in entry["params"]) == (choice[layer] >= 0)
-        np.testing.assert_allclose(record["background"]["params"]["background/color"],
-                                   params["background/color"][i], rtol=1e-6)  # fmt: skip
+        np.testing.assert_allclose(
+            record["background"]["params"]["background/color"],
+            params["background/color"][i],
+            rtol=1e-6,
+        )
     assert not list(tmp_path.glob(".png.tmp-*"))
 
 
@@ -133,8 +171,16 @@ def test_errors_name_the_path_and_leave_no_output(tmp_path, ckpt, capsys):
     out, png = tmp_path / "out" / "predictions.h5", tmp_path / "png"
 
     def run(ckpt_path, source) -> str:
-        argv = ["--ckpt", str(ckpt_path), "--input", str(source), "--out", str(out),
-                "--png", str(png)]  # fmt: skip
+        argv = [
+            "--ckpt",
+            str(ckpt_path),
+            "--input",
+            str(source),
+            "--out",
+            str(out),
+            "--png",
+            str(png),
+        ]
         assert main(argv) == 1
         assert not out.exists() and not partial_path(out).exists()
         assert not png.exists() and not list(tmp_path.glob(".png.tmp-*"))

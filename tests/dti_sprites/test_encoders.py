@@ -16,9 +16,10 @@ def test_cifar_resnet_has_the_depth_its_name_says(name: str) -> None:
     assert depth == int(name.removeprefix("resnet"))
 
 
-@pytest.mark.parametrize(("name", "pool", "features"),
-                         [("resnet8", 1, 64), ("resnet20", 2, 256), ("resnet32", 4, 1024),
-                          ("resnet18", 2, 2048)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("name", "pool", "features"),
+    [("resnet8", 1, 64), ("resnet20", 2, 256), ("resnet32", 4, 1024), ("resnet18", 2, 2048)],
+)
 def test_encoder_feature_size(name: str, pool: int, features: int) -> None:
     encoder = Encoder(name, pool)
     out = encoder(torch.rand(2, 3, 35, 35))

@@ -8,20 +8,51 @@ from dti_sprites.transforms import GroupedMLP
 
 # Small versions of the paper's configurations (docs/method.md §7).
 CONFIGS = {
-    "tetrominoes": dict(image_size=20, n_sprites=4, n_layers=3, n_backgrounds=0, sprite_size=12,
-                        mask_std=3),
-    "multidsprites": dict(image_size=16, n_sprites=3, n_layers=3, n_backgrounds=1, sprite_size=10,
-                          mask_std=3, empty_sprite=True, pool=2, sprite_transforms=["similarity"],
-                          background_transforms=["color"], occlusion="predicted", greedy_passes=3),
-    "clevr6": dict(image_size=16, n_sprites=3, n_layers=3, n_backgrounds=2, sprite_size=10,
-                   mask_std=3, empty_sprite=True, encoder="resnet18", pool=2,
-                   sprite_transforms=["projective"], background_transforms=["color"],
-                   occlusion="predicted", greedy_passes=2, background_init="mean"),
-    "gtsrb8": dict(image_size=12, n_sprites=3, n_layers=1, n_backgrounds=1, sprite_size=12,
-                   mask_std=3, layer_transforms=[],
-                   sprite_transforms=["color", "projective", "tps"],
-                   background_transforms=["color", "projective", "tps"]),
-}  # fmt: skip
+    "tetrominoes": dict(
+        image_size=20, n_sprites=4, n_layers=3, n_backgrounds=0, sprite_size=12, mask_std=3
+    ),
+    "multidsprites": dict(
+        image_size=16,
+        n_sprites=3,
+        n_layers=3,
+        n_backgrounds=1,
+        sprite_size=10,
+        mask_std=3,
+        empty_sprite=True,
+        pool=2,
+        sprite_transforms=["similarity"],
+        background_transforms=["color"],
+        occlusion="predicted",
+        greedy_passes=3,
+    ),
+    "clevr6": dict(
+        image_size=16,
+        n_sprites=3,
+        n_layers=3,
+        n_backgrounds=2,
+        sprite_size=10,
+        mask_std=3,
+        empty_sprite=True,
+        encoder="resnet18",
+        pool=2,
+        sprite_transforms=["projective"],
+        background_transforms=["color"],
+        occlusion="predicted",
+        greedy_passes=2,
+        background_init="mean",
+    ),
+    "gtsrb8": dict(
+        image_size=12,
+        n_sprites=3,
+        n_layers=1,
+        n_backgrounds=1,
+        sprite_size=12,
+        mask_std=3,
+        layer_transforms=[],
+        sprite_transforms=["color", "projective", "tps"],
+        background_transforms=["color", "projective", "tps"],
+    ),
+}
 
 
 def randomise_heads(model):
@@ -191,10 +222,14 @@ def _two_layer_decomposition(sprite_choice: list[int]) -> Decomposition:
     layers = layers * (torch.tensor(sprite_choice) >= 0).view(1, 2, 1, 1, 1)  # empty: zeros
     occlusion = torch.tril(torch.ones(3, 3), -1).T[None]  # higher layer in front
     return Decomposition(
-        reconstruction=torch.zeros(1, 3, 1, 3), layers=layers, background=torch.zeros(1, 3, 1, 3),
-        occlusion=occlusion, sprite_choice=torch.tensor([sprite_choice]),
-        background_choice=torch.zeros(1, dtype=torch.long), mse=torch.zeros(1),
-    )  # fmt: skip
+        reconstruction=torch.zeros(1, 3, 1, 3),
+        layers=layers,
+        background=torch.zeros(1, 3, 1, 3),
+        occlusion=occlusion,
+        sprite_choice=torch.tensor([sprite_choice]),
+        background_choice=torch.zeros(1, dtype=torch.long),
+        mse=torch.zeros(1),
+    )
 
 
 def test_instance_fg_gives_an_uncovered_pixel_to_the_best_coloured_layer():

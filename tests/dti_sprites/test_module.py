@@ -11,15 +11,30 @@ from dti_sprites.io import partial_path
 from dti_sprites.model import DTISprites
 from dti_sprites.module import DTISpritesModule
 
-MODEL = dict(image_size=20, n_sprites=3, n_layers=2, n_backgrounds=1, sprite_size=12, mask_std=3,
-             empty_sprite=True, occlusion="predicted", greedy_passes=2,
-             background_transforms=["color"], background_init="mean")  # fmt: skip
+MODEL = dict(
+    image_size=20,
+    n_sprites=3,
+    n_layers=2,
+    n_backgrounds=1,
+    sprite_size=12,
+    mask_std=3,
+    empty_sprite=True,
+    occlusion="predicted",
+    greedy_passes=2,
+    background_transforms=["color"],
+    background_init="mean",
+)
 
 
 def trainer(tmp_path, **kwargs):
-    defaults = dict(default_root_dir=tmp_path, max_epochs=1, logger=False,
-                    enable_progress_bar=False, enable_model_summary=False,
-                    enable_checkpointing=False)  # fmt: skip
+    defaults = dict(
+        default_root_dir=tmp_path,
+        max_epochs=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
     return L.Trainer(**{**defaults, **kwargs})
 
 
@@ -29,10 +44,12 @@ def test_penalty_is_logged_but_carries_no_gradient():
     out = module.model(torch.rand(6, 3, 20, 20))
     terms = module.objective(out)
     torch.testing.assert_close(terms["penalty"], 0.5 * out.n_nonempty.float().mean())
-    grads = torch.autograd.grad(terms["objective"], list(module.model.parameters()),
-                                retain_graph=True, allow_unused=True)  # fmt: skip
-    mse_grads = torch.autograd.grad(terms["mse"], list(module.model.parameters()),
-                                    allow_unused=True)  # fmt: skip
+    grads = torch.autograd.grad(
+        terms["objective"], list(module.model.parameters()), retain_graph=True, allow_unused=True
+    )
+    mse_grads = torch.autograd.grad(
+        terms["mse"], list(module.model.parameters()), allow_unused=True
+    )
     for g, h in zip(grads, mse_grads, strict=True):
         assert (g is None and h is None) or torch.equal(g, h)
 
@@ -53,9 +70,13 @@ def test_penalty_is_a_term_only_where_it_can_change_a_choice():
 
 @pytest.mark.parametrize("multiplier", [1.0, 0.5])
 def test_optimizer_groups_hold_every_parameter_once(multiplier):
-    module = DTISpritesModule(DTISprites(**MODEL), lr=1e-3, weight_decay=1e-6,
-                              encoder_lr_multiplier=multiplier,
-                              prototype_lr_multiplier=10 * multiplier)  # fmt: skip
+    module = DTISpritesModule(
+        DTISprites(**MODEL),
+        lr=1e-3,
+        weight_decay=1e-6,
+        encoder_lr_multiplier=multiplier,
+        prototype_lr_multiplier=10 * multiplier,
+    )
     optimizer = module.configure_optimizers()
     seen = [id(p) for group in optimizer.param_groups for p in group["params"]]
     assert len(seen) == len(set(seen))

@@ -31,8 +31,9 @@ def test_repeated_group_updates_equal_a_parameter_listed_that_many_times(updates
             warnings.simplefilter("ignore")  # torch warns about duplicate parameters
             return torch.optim.Adam(
                 [{"params": [other]}, {"params": [shared] * updates, "weight_decay": 1e-2}],
-                lr=1e-2, foreach=False,
-            )  # fmt: skip
+                lr=1e-2,
+                foreach=False,
+            )
 
     def ours(shared, other):
         return Adam(

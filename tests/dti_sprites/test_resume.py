@@ -12,9 +12,19 @@ from dti_sprites.callbacks import Curriculum, LRDrops, SpriteFreeze, SpriteReass
 from dti_sprites.model import DTISprites
 from dti_sprites.module import DTISpritesModule
 
-MODEL = dict(image_size=20, n_sprites=3, n_layers=2, n_backgrounds=1, sprite_size=12, mask_std=3,
-             empty_sprite=False, occlusion="predicted", greedy_passes=1,
-             sprite_transforms=["similarity"], background_transforms=["color"])  # fmt: skip
+MODEL = dict(
+    image_size=20,
+    n_sprites=3,
+    n_layers=2,
+    n_backgrounds=1,
+    sprite_size=12,
+    mask_std=3,
+    empty_sprite=False,
+    occlusion="predicted",
+    greedy_passes=1,
+    sprite_transforms=["similarity"],
+    background_transforms=["color"],
+)
 EPOCHS, BATCHES = 6, 2  # 12 steps; the interrupted run stops after epoch 3 (step 6)
 
 
@@ -33,10 +43,17 @@ def run(tmp_path, squares, max_epochs, ckpt_path=None):
     L.seed_everything(0, verbose=False)
     module = DTISpritesModule(DTISprites(**MODEL), lr=1e-2)
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    trainer = L.Trainer(default_root_dir=tmp_path, max_epochs=max_epochs,
-                        limit_train_batches=BATCHES, limit_val_batches=0, logger=False,
-                        enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[*callbacks(), checkpoint], deterministic=True)  # fmt: skip
+    trainer = L.Trainer(
+        default_root_dir=tmp_path,
+        max_epochs=max_epochs,
+        limit_train_batches=BATCHES,
+        limit_val_batches=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[*callbacks(), checkpoint],
+        deterministic=True,
+    )
     trainer.fit(module, squares(n=8), ckpt_path=ckpt_path)
     return trainer, module
 
@@ -48,8 +65,9 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path, squa
     assert resumed_trainer.global_step == full_trainer.global_step == EPOCHS * BATCHES
     events = next(c for c in resumed_trainer.callbacks if isinstance(c, SpriteReassignment)).events
     assert sorted({e["step"] for e in events}) == [4, 8, 12]  # restored across the resume
-    for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items(),
-                                 strict=True):  # fmt: skip
+    for (name, a), (_, b) in zip(
+        full.state_dict().items(), resumed.state_dict().items(), strict=True
+    ):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
     full_opt = full_trainer.optimizers[0].state_dict()
     resumed_opt = resumed_trainer.optimizers[0].state_dict()
@@ -91,9 +109,15 @@ def test_nonfinite_loss_stops_and_names_the_step_and_last_checkpoint(tmp_path, s
     L.seed_everything(0, verbose=False)
     module = DTISpritesModule(DTISprites(**MODEL))
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    trainer = L.Trainer(default_root_dir=tmp_path, max_epochs=3, limit_train_batches=2,
-                        limit_val_batches=0, logger=False, enable_progress_bar=False,
-                        callbacks=[checkpoint, PoisonAt(3)])  # fmt: skip
+    trainer = L.Trainer(
+        default_root_dir=tmp_path,
+        max_epochs=3,
+        limit_train_batches=2,
+        limit_val_batches=0,
+        logger=False,
+        enable_progress_bar=False,
+        callbacks=[checkpoint, PoisonAt(3)],
+    )
     with pytest.raises(FloatingPointError, match=r"global step 3 .*last\.ckpt"):
         trainer.fit(module, squares(n=8))
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)

@@ -15,8 +15,16 @@ from dti_sprites.seeding import kmeans_masks, layer_crops, refit_masks
 
 # 20×20 images, a 10×10 canvas: at the initial placement (scale 2, centred) one canvas pixel is
 # one image pixel and the canvas covers image pixels 5..14 in both axes.
-MODEL = dict(image_size=20, n_sprites=3, n_layers=2, n_backgrounds=0, sprite_size=10,
-             mask_std=3, layer_transforms=["color", "position"], occlusion="fixed")  # fmt: skip
+MODEL = dict(
+    image_size=20,
+    n_sprites=3,
+    n_layers=2,
+    n_backgrounds=0,
+    sprite_size=10,
+    mask_std=3,
+    layer_transforms=["color", "position"],
+    occlusion="fixed",
+)
 PIECE = torch.zeros(10, 10)
 PIECE[2:8, 3:5] = 1  # an L: a vertical bar and a foot
 PIECE[6:8, 5:8] = 1
@@ -90,9 +98,15 @@ def test_callback_freezes_until_it_seeds_then_refits(tmp_path):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             frozen.append(bool(pl_module.model.sprites_frozen))
 
-    trainer = L.Trainer(default_root_dir=tmp_path, max_steps=5, logger=False,
-                        enable_progress_bar=False, enable_checkpointing=False,
-                        enable_model_summary=False, callbacks=[seeding, Watch()])  # fmt: skip
+    trainer = L.Trainer(
+        default_root_dir=tmp_path,
+        max_steps=5,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        callbacks=[seeding, Watch()],
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(DTISpritesModule(model, lr=1e-9), PieceData())

@@ -58,8 +58,10 @@ def test_no_elbow_with_fewer_than_three_points():
 
 # -------------------------------------------------------------------------------- outputs
 def test_csv_and_png_mark_the_elbow(tmp_path):
-    records = [{"k": k, "final_loss": 0.01 * max(19 - k, 0) + 1e-4 * (30 - k), "steps": 7}
-               for k in (25, 10, 19, 30, 15)]  # fmt: skip
+    records = [
+        {"k": k, "final_loss": 0.01 * max(19 - k, 0) + 1e-4 * (30 - k), "steps": 7}
+        for k in (25, 10, 19, 30, 15)
+    ]
     rows = write_csv(records, tmp_path / "k_sweep.csv")
     with open(tmp_path / "k_sweep.csv") as f:
         table = list(csv.DictReader(f))
@@ -86,10 +88,13 @@ def test_run_config_moves_every_output_into_the_run_folder(tmp_path):
     config = run_config(base, tmp_path / "k7", "tetrominoes-k7")
     logger = config["trainer"]["logger"]["init_args"]
     assert logger["save_dir"] == str(tmp_path / "k7") and logger["name"] == "tetrominoes-k7"
-    (checkpoint,) = [c for c in config["trainer"]["callbacks"]
-                     if c["class_path"].endswith("ModelCheckpoint")]  # fmt: skip
-    assert checkpoint["init_args"] == {"dirpath": str(tmp_path / "k7" / "checkpoints"),
-                                       "save_last": True}  # fmt: skip
+    (checkpoint,) = [
+        c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("ModelCheckpoint")
+    ]
+    assert checkpoint["init_args"] == {
+        "dirpath": str(tmp_path / "k7" / "checkpoints"),
+        "save_last": True,
+    }
     assert "save_dir" not in base["trainer"]["logger"]["init_args"]  # a copy
     config["trainer"].pop("logger")
     config["trainer"].pop("callbacks")
@@ -108,14 +113,27 @@ def test_k_sweep_trains_once_per_k_and_writes_csv_and_png(tmp_path, monkeypatch,
     out = tmp_path / "sweep"
     data = tmp_path / "data" / "tetrominoes.h5"
     argv = [
-        "k", "--config", str(EXPERIMENTS / "tetrominoes.yaml"), "--k", "3", "2", "4",
-        "--out", str(out), "--window", "2",
+        "k",
+        "--config",
+        str(EXPERIMENTS / "tetrominoes.yaml"),
+        "--k",
+        "3",
+        "2",
+        "4",
+        "--out",
+        str(out),
+        "--window",
+        "2",
         # Tiny overrides, passed through to every fit:
-        f"--data.init_args.path={data}", "--data.init_args.generate=64",
-        "--data.init_args.num_workers=0", "--data.init_args.batch_size=4",
-        "--data.init_args.in_memory=true", "--trainer.max_steps=3",
-        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-    ]  # fmt: skip
+        f"--data.init_args.path={data}",
+        "--data.init_args.generate=64",
+        "--data.init_args.num_workers=0",
+        "--data.init_args.batch_size=4",
+        "--data.init_args.in_memory=true",
+        "--trainer.max_steps=3",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+    ]
     assert main(argv) == 0
     with open(out / "k_sweep.csv") as f:
         table = list(csv.DictReader(f))

@@ -154,8 +154,13 @@ def test_only_position_resizes():
 def test_to_canvas_of_a_known_translation_and_scale_returns_the_crop():
     # A 20×20 image, a 5×5 canvas drawn at scale 2 (s = 0: one canvas pixel covers 2×2 image
     # pixels) with its top-left corner at row 3, column 6: t = 1 − offset/5 in each axis.
-    model = DTISprites(image_size=20, n_sprites=2, n_layers=2, sprite_size=5,
-                       layer_transforms=["color", "position"])  # fmt: skip
+    model = DTISprites(
+        image_size=20,
+        n_sprites=2,
+        n_layers=2,
+        sprite_size=5,
+        layer_transforms=["color", "position"],
+    )
     torch.manual_seed(0)
     crop = torch.rand(3, 5, 5)
     image = torch.zeros(3, 20, 20)

@@ -28,8 +28,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture
 def model():
     torch.manual_seed(0)
-    return DTISprites(image_size=12, n_sprites=3, n_layers=2, n_backgrounds=1, sprite_size=8,
-                      mask_std=2).eval()  # fmt: skip
+    return DTISprites(
+        image_size=12, n_sprites=3, n_layers=2, n_backgrounds=1, sprite_size=8, mask_std=2
+    ).eval()
 
 
 def tile(grid, row, column, height, width):
@@ -49,16 +50,28 @@ def test_decomposition_grid_rows_and_labelled_figure(model, tmp_path):
     with torch.no_grad():
         out = model(images)
     layers = out.layers[:, :, :3] * out.layers[:, :, 3:]  # (N, L, 3, H, W)
-    rows = [images, out.reconstruction, colorize(out.semantic()), colorize(out.instance()),
-            layers[:, 0], layers[:, 1]]  # fmt: skip
+    rows = [
+        images,
+        out.reconstruction,
+        colorize(out.semantic()),
+        colorize(out.instance()),
+        layers[:, 0],
+        layers[:, 1],
+    ]
     for r, expected in enumerate(rows):
         for j in range(2):
             torch.testing.assert_close(tile(grid, r, j, 12, 12), expected[j].clamp(0, 1))
 
     figure = decomposition_figure(model, images, zoom=2)
     (ax,) = figure.axes
-    assert labels(ax.get_yticklabels()) == ["input", "reconstruction", "semantic map",
-                                            "instance map", "layer 0", "layer 1"]  # fmt: skip
+    assert labels(ax.get_yticklabels()) == [
+        "input",
+        "reconstruction",
+        "semantic map",
+        "instance map",
+        "layer 0",
+        "layer 1",
+    ]
     assert labels(ax.get_xticklabels()) == ["0", "1"] and ax.get_xlabel() == "image"
     np.testing.assert_array_equal(ax.images[0].get_array(), to_uint8_hwc(grid))
     # Label r sits on the centre of row r: rows of 12 pixels every 13, after 1 of padding.
