@@ -41,6 +41,8 @@ from dti_sprites.viz import (
 )
 
 WORST_ROWS = ("input", "reconstruction", "instance map", "ground truth")  # of the worst grids
+# The thumbnails of a per-image row, in the order of WORST_ROWS.
+PER_IMAGE_PICTURES = ("image", "reconstruction", "instance", "ground_truth")
 
 
 def save_csv(rows: Sequence[Sequence[Any]], columns: Sequence[str], path: Path) -> None:
@@ -376,15 +378,7 @@ class SpriteDashboard(L.Callback):
                 columns=["metric", "value", "protocol"], data=metrics
             )
         if rows:
-            columns = [
-                "protocol",
-                "index",
-                "ari_fg",
-                "image",
-                "reconstruction",
-                "instance",
-                "ground_truth",
-            ]
+            columns = ["protocol", "index", "ari_fg", *PER_IMAGE_PICTURES]
             data = [
                 [*row[:3], *(None if t is None else wandb.Image(t) for t in row[3:])]
                 for row in rows

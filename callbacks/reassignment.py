@@ -39,14 +39,7 @@ class SpriteReassignment(L.Callback):
         self.steps = 0  # training steps since the last check
         self.events: list[dict[str, int]] = []  # {"step", "src", "dst"}
 
-    def on_train_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         model = pl_module.model
         self.steps += 1
         if self.steps < self.every_n_steps:

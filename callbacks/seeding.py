@@ -70,14 +70,7 @@ class SpriteSeeding(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         pl_module.model.freeze_sprites(trainer.global_step < self.at_step)
 
-    def on_train_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step  # steps done, this one included
         event = self.next_event(step)
         if event is None or step <= event - self.collect_steps:
