@@ -8,7 +8,7 @@ import lightning as L
 import torch
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 
-from dti_sprites.seeding import kmeans_masks, layer_crops, refit_masks
+from dti_sprites.seeding import centre_crops, kmeans_masks, layer_crops, refit_masks
 
 
 class SpriteSeeding(L.Callback):
@@ -32,6 +32,9 @@ class SpriteSeeding(L.Callback):
         refit_until: last step of a refit (default: no limit).
         min_pixels: smallest layer support that is used, in image pixels.
         min_count: fewest layers that must have chosen a sprite for its refit.
+        centre: shift every crop so that its centre of mass is at the canvas centre (whole
+            pixels) before clustering or averaging; the network then learns to place the
+            centred sprites.
         seed: k-means++ seed.
     """
 
@@ -43,6 +46,7 @@ class SpriteSeeding(L.Callback):
         refit_until: NonNegativeInt | None = None,
         min_pixels: NonNegativeInt = 4,
         min_count: PositiveInt = 10,
+        centre: bool = True,
         seed: int = 0,
     ) -> None:
         if refit_every and collect_steps > refit_every:
@@ -54,6 +58,7 @@ class SpriteSeeding(L.Callback):
         self.refit_every = int(refit_every)
         self.refit_until = None if refit_until is None else int(refit_until)
         self.min_pixels, self.min_count, self.seed = int(min_pixels), int(min_count), int(seed)
+        self.centre = bool(centre)
         self.crops: list[torch.Tensor] = []
         self.choices: list[torch.Tensor] = []
         self.events: list[dict[str, Any]] = []
@@ -90,6 +95,8 @@ class SpriteSeeding(L.Callback):
         event: dict[str, Any] = {"step": step, "kind": "seed" if step == self.at_step else "refit"}
         if trainer.is_global_zero:
             crops, choices = torch.cat(self.crops), torch.cat(self.choices)
+            if self.centre:
+                crops = centre_crops(crops, masks.shape[-2:])
             event["crops"] = len(crops)
             if event["kind"] == "seed":
                 new = kmeans_masks(crops, k0, self.seed).to(new)

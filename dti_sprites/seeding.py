@@ -46,6 +46,30 @@ def layer_crops(model: DTISprites, image: Tensor, min_pixels: int = 4) -> tuple[
     return crops.flatten(2)[keep], out.sprite_choice[keep]  # (N, h·w), (N,)
 
 
+def centre_crops(crops: Tensor, size: tuple[int, int]) -> Tensor:
+    """Shift each crop by whole pixels so that its centre of mass sits at the canvas centre.
+
+    crops (N, h·w) -> (N, h·w); zeros are shifted in, so nothing moves in from the other side.
+    The same shape placed anywhere in the canvas then gives the same crop: k-means clusters
+    shapes rather than the position errors of the layers (measured: mIoU 28 instead of 21
+    right after seeding, docs/method.md §11).
+    """
+    h, w = size
+    c = crops.view(-1, h, w)  # (N, h, w)
+    ys = torch.arange(h, device=crops.device)
+    xs = torch.arange(w, device=crops.device)
+    mass = c.sum((1, 2)).clamp(min=1e-12)  # (N,)
+    cy = (c.sum(2) * ys).sum(1) / mass  # (N,)
+    cx = (c.sum(1) * xs).sum(1) / mass  # (N,)
+    src_y = ys[None] - ((h - 1) / 2 - cy).round().long()[:, None]  # (N, h) source rows
+    src_x = xs[None] - ((w - 1) / 2 - cx).round().long()[:, None]  # (N, w) source columns
+    inside_y = (src_y >= 0) & (src_y < h)
+    inside_x = (src_x >= 0) & (src_x < w)
+    n = torch.arange(len(c), device=crops.device)[:, None, None]
+    out = c[n, src_y.clamp(0, h - 1)[:, :, None], src_x.clamp(0, w - 1)[:, None, :]]
+    return (out * (inside_y[:, :, None] & inside_x[:, None, :])).flatten(1)  # (N, h·w)
+
+
 def kmeans_masks(crops: Tensor, k: int, seed: int = 0) -> Tensor:
     """k-means (k-means++ start) over crops (N, D) -> k centres (k, D), each in [0, 1].
 

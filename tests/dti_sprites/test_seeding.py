@@ -11,7 +11,7 @@ from dti_sprites.callbacks import SpriteSeeding
 from dti_sprites.datamodules.base import DTIDataModule
 from dti_sprites.model import DTISprites
 from dti_sprites.module import DTISpritesModule
-from dti_sprites.seeding import kmeans_masks, layer_crops, refit_masks
+from dti_sprites.seeding import centre_crops, kmeans_masks, layer_crops, refit_masks
 
 # 20×20 images, a 10×10 canvas: at the initial placement (scale 2, centred) one canvas pixel is
 # one image pixel and the canvas covers image pixels 5..14 in both axes.
@@ -90,7 +90,7 @@ class PieceData(DTIDataModule):
 
 def test_callback_freezes_until_it_seeds_then_refits(tmp_path):
     model = opaque_model()
-    seeding = SpriteSeeding(at_step=3, collect_steps=2, refit_every=2, min_count=1)
+    seeding = SpriteSeeding(at_step=3, collect_steps=2, refit_every=2, min_count=1, centre=False)
     assert [seeding.next_event(s) for s in (0, 3, 4, 5, 6)] == [3, 3, 5, 5, 7]
     frozen = []
 
@@ -121,3 +121,22 @@ def test_callback_freezes_until_it_seeds_then_refits(tmp_path):
 def test_collect_window_must_fit_between_refits():
     with pytest.raises(ValueError, match="collect_steps"):
         SpriteSeeding(at_step=10, collect_steps=20, refit_every=5)
+
+
+def test_centre_crops_moves_the_centre_of_mass_to_the_canvas_centre():
+    crop = torch.zeros(2, 9, 9)
+    crop[0, 0:2, 0:3] = 1  # top-left 2×3 block: centre of mass (0.5, 1)
+    crop[1, 3:6, 3:6] = 1  # already centred (4, 4)
+    centred = centre_crops(crop.flatten(1), (9, 9)).view(2, 9, 9)
+    expected = torch.zeros(9, 9)
+    expected[4:6, 3:6] = 1  # shifted by (round(3.5), 3) = (4, 3) rows, columns
+    torch.testing.assert_close(centred[0], expected)
+    torch.testing.assert_close(centred[1], crop[1])
+
+
+def test_centre_crops_shifts_in_zeros_not_the_other_side():
+    crop = torch.zeros(1, 5, 5)
+    crop[0, :, 4] = 1  # the last column: centre of mass (2, 4), shifted 2 columns left
+    centred = centre_crops(crop.flatten(1), (5, 5)).view(5, 5)
+    assert centred[:, 2].tolist() == [1.0] * 5
+    assert centred.sum() == 5  # nothing wrapped around
