@@ -133,3 +133,6 @@ def test_demo_fit_test_predict_through_the_cli(experiment_data, tmp_path, monkey
         assert f["reconstruction"].shape == (n, 35, 35, 3)
         assert f["layers"].shape == (n, 3, 35, 35, 4) and f["sprite_choice"].shape == (n, 3)
         assert f["semantic"][()].max() <= 19 and f["instance"][()].max() <= 3
+        # ARI-FG's labels: every pixel given to a layer (1..L).
+        assert f["instance_fg"].shape == (n, 35, 35)
+        assert 1 <= f["instance_fg"][()].min() and f["instance_fg"][()].max() <= 3
