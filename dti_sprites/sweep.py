@@ -15,7 +15,7 @@ over DDP ranks, in ``DIR/k<K>/final_loss.json``.
 
 Outputs in DIR (default ``runs/k_sweep/<config name>``): ``k_sweep.csv`` (k, final_loss, steps,
 distance, elbow; rewritten after every K, so a stopped sweep keeps what it finished) and
-``k_sweep.png``, the loss against K drawn with PIL, the elbow marked in red.
+``k_sweep.png``, the loss against K (matplotlib), the elbow marked in red.
 
 Elbow rule (:func:`elbow`): the largest distance below the chord. Both axes are scaled to
 [0, 1] (K by its range, the loss by its range), the chord joins the first and the last point,
@@ -44,16 +44,15 @@ import numpy as np
 import torch
 import yaml
 from jsonargparse.typing import PositiveInt
-from PIL import Image, ImageDraw, ImageFont
 
 from dti_sprites.io import atomic_write
+from dti_sprites.viz import save_figure, sweep_figure
 
 __all__ = [
     "FinalTrainingLoss",
     "chord_distances",
     "elbow",
     "main",
-    "plot_sweep",
     "run_config",
     "write_csv",
 ]
@@ -152,72 +151,6 @@ def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> list[dict[str, Any]
         writer.writeheader()
         writer.writerows(full)
     return full
-
-
-def plot_sweep(
-    ks: Sequence[int],
-    losses: Sequence[float],
-    elbow_k: int | None,
-    size: tuple[int, int] = (480, 320),
-    title: str = "final training loss against K",
-) -> Image.Image:
-    """A line plot of loss against K drawn with PIL (no matplotlib), the elbow in red.
-
-    ks, losses (N,); returns an RGB image of ``size`` (width, height). Points are blue, the
-    elbow point is a red ring with a dashed red vertical line and the label ``elbow K=…``.
-    """
-    width, height = size
-    left, right, top, bottom = 64, 16, 28, 36
-    order = np.argsort(np.asarray(ks))
-    x = np.asarray(ks, dtype=np.float64)[order]
-    y = np.asarray(losses, dtype=np.float64)[order]
-    x_lo, x_hi = (x.min(), x.max()) if np.ptp(x) > 0 else (x.min() - 1, x.max() + 1)
-    pad = 0.08 * np.ptp(y) if np.ptp(y) > 0 else max(abs(y.max()), 1.0) * 0.1
-    y_lo, y_hi = y.min() - pad, y.max() + pad
-
-    def px(kx: float, ly: float) -> tuple[float, float]:
-        u = left + (kx - x_lo) / (x_hi - x_lo) * (width - left - right)
-        v = top + (y_hi - ly) / (y_hi - y_lo) * (height - top - bottom)
-        return u, v
-
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default()
-    draw.text((left, 6), title, fill="black", font=font)
-    draw.line(
-        [(left, top), (left, height - bottom), (width - right, height - bottom)], fill="black"
-    )
-    for value in (y.min(), y.max()):
-        _, v = px(x_lo, value)
-        draw.line([(left - 4, v), (left, v)], fill="black")
-        draw.text((4, v - 6), f"{value:.3g}", fill="black", font=font)
-    for k in x:
-        u, _ = px(k, y_lo)
-        draw.line([(u, height - bottom), (u, height - bottom + 4)], fill="black")
-        draw.text((u - 6, height - bottom + 6), str(int(k)), fill="black", font=font)
-    draw.text((width // 2 - 4, height - 14), "K", fill="black", font=font)
-    points = [px(k, v) for k, v in zip(x, y, strict=True)]
-    if len(points) > 1:
-        draw.line(points, fill=(31, 119, 180), width=2)
-    for u, v in points:
-        draw.ellipse([u - 3, v - 3, u + 3, v + 3], fill=(31, 119, 180))
-    if elbow_k is not None and elbow_k in x:
-        u, v = points[int(np.flatnonzero(x == elbow_k)[0])]
-        for y0 in range(top, height - bottom, 8):  # dashed vertical line
-            draw.line([(u, y0), (u, min(y0 + 4, height - bottom))], fill=(214, 39, 40))
-        draw.ellipse([u - 7, v - 7, u + 7, v + 7], outline=(214, 39, 40), width=2)
-        draw.text(
-            (min(u + 10, width - 80), max(v - 20, top)),
-            f"elbow K={elbow_k}",
-            fill=(214, 39, 40),
-            font=font,
-        )
-    return image
-
-
-def _save_png(image: Image.Image, path: Path) -> None:
-    with atomic_write(path) as tmp:
-        image.save(tmp, format="PNG")
 
 
 # ----------------------------------------------------------------------------------- command
@@ -356,8 +289,9 @@ def main(argv: list[str] | None = None) -> int:
         write_csv(rows, out / "k_sweep.csv")
     full = write_csv(rows, out / "k_sweep.csv")
     at = next((r["k"] for r in full if r["elbow"]), None)
-    _save_png(
-        plot_sweep([r["k"] for r in full], [r["final_loss"] for r in full], at), out / "k_sweep.png"
+    save_figure(
+        sweep_figure([r["k"] for r in full], [r["final_loss"] for r in full], at),
+        out / "k_sweep.png",
     )
     for r in full:
         mark = "  <- elbow" if r["elbow"] else ""

@@ -228,6 +228,32 @@ def usage_figure(counts: Tensor) -> Figure:
     return fig
 
 
+def sweep_figure(
+    ks: Sequence[int],
+    losses: Sequence[float],
+    elbow_k: int | None,
+    title: str = "final training loss against K",
+) -> Figure:
+    """The loss against K (a line through the points, sorted by K), with the elbow marked in
+    red: a ring, a dashed vertical line and the label ``elbow K=…``. ks, losses (N,)."""
+    order = np.argsort(np.asarray(ks))
+    x = np.asarray(ks, dtype=np.float64)[order]
+    y = np.asarray(losses, dtype=np.float64)[order]
+    fig = Figure(figsize=(6, 4), dpi=DPI, layout="constrained")
+    ax = fig.subplots()
+    ax.plot(x, y, "o-", color="tab:blue", label="final loss")
+    if elbow_k is not None and elbow_k in x:
+        loss = y[int(np.flatnonzero(x == elbow_k)[0])]
+        ax.axvline(elbow_k, color="tab:red", linestyle="--", linewidth=1)
+        ax.plot([elbow_k], [loss], "o", markersize=12, fillstyle="none", color="tab:red")
+        ax.annotate(f"elbow K={elbow_k}", (elbow_k, loss), xytext=(8, 8),
+                    textcoords="offset points", color="tab:red")  # fmt: skip
+    ax.set(title=title, xlabel="K (sprites)", ylabel="final training loss")
+    ax.set_xticks(x, [str(int(k)) for k in x])
+    ax.grid(alpha=0.3)
+    return fig
+
+
 def save_figure(fig: Figure, path: str | os.PathLike[str]) -> np.ndarray:
     """Write ``fig`` as a PNG (atomically, cropped to its content on white) and return the
     image written, (H, W, 3) uint8, e.g. to log the same picture to W&B."""

@@ -9,10 +9,10 @@ import yaml
 from PIL import Image
 
 from dti_sprites.io import partial_path
-from dti_sprites.sweep import chord_distances, elbow, main, plot_sweep, run_config, write_csv
+from dti_sprites.sweep import chord_distances, elbow, main, run_config, write_csv
+from dti_sprites.viz import sweep_figure
 
 EXPERIMENTS = Path(__file__).parents[2] / "experiments"
-RED = (214, 39, 40)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -72,15 +72,15 @@ def test_csv_and_png_mark_the_elbow(tmp_path):
     assert not partial_path(tmp_path / "k_sweep.csv").exists()
 
     ks, losses = [r["k"] for r in rows], [r["final_loss"] for r in rows]
-    marked = np.asarray(plot_sweep(ks, losses, 19, size=(480, 320)))
-    assert marked.shape == (320, 480, 3)
-    red = np.argwhere((marked == RED).all(-1))  # (n, 2) rows, columns
-    # The red marks sit at K = 19: 9/20 of the way along the x axis (64 … 480 - 16).
-    x19 = 64 + (19 - 10) / (30 - 10) * (480 - 64 - 16)
-    assert len(red) > 20 and np.median(red[:, 1]) == pytest.approx(x19, abs=3)
-    plain = np.asarray(plot_sweep(ks, losses, None))
-    assert not (plain == RED).all(-1).any()
-    assert ((plain == (31, 119, 180)).all(-1)).sum() > 50  # the blue line and points
+    (ax,) = sweep_figure(ks, losses, 19).axes
+    line = ax.lines[0]  # the curve: every (K, loss) in order of K
+    assert line.get_xdata().tolist() == [10, 15, 19, 25, 30]
+    assert line.get_ydata().tolist() == pytest.approx(losses)
+    marks = [artist for artist in ax.lines[1:] if artist.get_color() == "tab:red"]
+    assert {float(x) for m in marks for x in m.get_xdata()} == {19.0}  # the dashed line, the ring
+    assert [t.get_text() for t in ax.texts] == ["elbow K=19"]
+    (plain,) = sweep_figure(ks, losses, None).axes
+    assert len(plain.lines) == 1 and not plain.texts
 
 
 def test_run_config_moves_every_output_into_the_run_folder(tmp_path):
@@ -151,7 +151,7 @@ def test_k_sweep_trains_once_per_k_and_writes_csv_and_png(tmp_path, monkeypatch,
     expected = elbow([2, 3, 4], [float(r["final_loss"]) for r in table])
     assert [int(r["elbow"]) for r in table] == [int(k == expected) for k in (2, 3, 4)]
     with Image.open(out / "k_sweep.png") as png:
-        assert png.size == (480, 320)
+        assert png.format == "PNG" and png.size[0] > 300
     printed = capsys.readouterr().out
     assert "k_sweep.csv" in printed and "K=   3" in printed
     assert not (tmp_path / "runs").exists()  # nothing in the config's own folders
