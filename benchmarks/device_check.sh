@@ -2,7 +2,7 @@
 # The GPU check: one command, at most ~10 minutes on one GPU, that measures and records.
 #
 #   bash benchmarks/device_check.sh           # on a GPU machine
-#   bash benchmarks/device_check.sh --tiny    # a minute on a CPU: every part runs, tiny sizes
+#   bash benchmarks/device_check.sh --tiny    # a minute on a CPU: every part runs (tiny sizes, batch 2)
 #
 # Prints, and appends to benchmarks/RESULTS.md (or $DEVICE_CHECK_RESULTS) under a heading with
 # the date and the device name:
@@ -31,7 +31,7 @@ fi
 
 if ((tiny)); then
   step_args=(--steps 1 --warmup 0)
-  batches=(2 4)
+  batches=(2)
   train=(--steps 4 --every 2 --heldout 20 --generate 120 --data "$(mktemp -d)/tetrominoes.h5"
          -- --data.init_args.train_size=80 --data.init_args.batch_size=8)
 else

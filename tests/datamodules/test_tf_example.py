@@ -18,7 +18,7 @@ from dti_sprites.datamodules.tfrecord import TFRecordError, iter_records
 REAL = Path(__file__).resolve().parents[2] / "tests" / "data" / "tetrominoes_mini.tfrecords"
 
 Y, G, B, C, M, R = (1, 1, 0), (0, 1, 0), (0, 0, 1), (0, 1, 1), (1, 0, 1), (1, 0, 0)
-# tests/data/README.md (from ../shared/data/README.md): objects 1-3 of each real record.
+# tests/data/README.md: objects 1-3 of each real record.
 README = [
     ([6, 5, 15], [22, 11, 24], [0, 19, 20], [Y, G, B], 63600),
     ([9, 14, 5], [12, 17, 0], [3, 20, 19], [Y, C, Y], 95400),
