@@ -14,6 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import SquaresDataModule
+from small_model import SMALL_MODEL
 
 from dti_sprites.callbacks import SpriteFreeze, SpriteReassignment
 from dti_sprites.model import DTISprites
@@ -45,19 +46,7 @@ class Record(L.Callback):
 
 def main(out: Path) -> None:
     L.seed_everything(0, verbose=False)
-    model = DTISprites(
-        image_size=20,
-        n_sprites=3,
-        n_layers=2,
-        n_backgrounds=1,
-        sprite_size=12,
-        mask_std=3,
-        empty_sprite=False,
-        occlusion="predicted",
-        greedy_passes=2,
-        sprite_transforms=["similarity"],
-        background_transforms=["color"],
-    )
+    model = DTISprites(**{**SMALL_MODEL, "empty_sprite": False, "greedy_passes": 2})
     module = DTISpritesModule(model, lr=1e-2)
     trainer = L.Trainer(
         accelerator="cpu",

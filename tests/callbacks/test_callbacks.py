@@ -3,24 +3,13 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
+from small_model import SMALL_MODEL
 
 from dti_sprites.callbacks import Curriculum, LRDrops, SpriteFreeze, SpriteReassignment
 from dti_sprites.model import DTISprites
 from dti_sprites.module import DTISpritesModule
 
-MODEL = dict(
-    image_size=20,
-    n_sprites=3,
-    n_layers=2,
-    n_backgrounds=1,
-    sprite_size=12,
-    mask_std=3,
-    empty_sprite=True,
-    occlusion="predicted",
-    greedy_passes=1,
-    sprite_transforms=["similarity"],
-    background_transforms=["color"],
-)
+MODEL = SMALL_MODEL
 
 
 class Probe(L.Callback):

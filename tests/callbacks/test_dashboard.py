@@ -11,6 +11,7 @@ import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from PIL import Image
+from small_model import SMALL_MODEL
 
 from dti_sprites.callbacks import (
     Curriculum,
@@ -23,19 +24,7 @@ from dti_sprites.callbacks.dashboard import EvalRecords
 from dti_sprites.model import DTISprites
 from dti_sprites.module import DTISpritesModule, usage_counts
 
-MODEL = dict(
-    image_size=20,
-    n_sprites=3,
-    n_layers=2,
-    n_backgrounds=1,
-    sprite_size=12,
-    mask_std=3,
-    empty_sprite=False,
-    occlusion="predicted",
-    greedy_passes=1,
-    sprite_transforms=["similarity"],
-    background_transforms=["color"],
-)
+MODEL = {**SMALL_MODEL, "empty_sprite": False}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
+from small_model import SMALL_MODEL
 from torch.utils.data import DataLoader
 
 from dti_sprites.decompose import main
@@ -14,19 +15,7 @@ from dti_sprites.io import partial_path
 from dti_sprites.model import DTISprites
 from dti_sprites.module import DTISpritesModule
 
-MODEL = dict(
-    image_size=20,
-    n_sprites=3,
-    n_layers=2,
-    n_backgrounds=1,
-    sprite_size=12,
-    mask_std=3,
-    empty_sprite=True,
-    occlusion="predicted",
-    greedy_passes=1,
-    sprite_transforms=["similarity"],
-    background_transforms=["color"],
-)
+MODEL = SMALL_MODEL
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

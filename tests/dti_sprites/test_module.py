@@ -4,6 +4,7 @@ import h5py
 import lightning as L
 import pytest
 import torch
+from small_model import SMALL_MODEL
 
 from dti_sprites.callbacks import PredictionWriter
 from dti_sprites.datamodules.hdf5 import HDF5Writer
@@ -11,19 +12,7 @@ from dti_sprites.io import partial_path
 from dti_sprites.model import DTISprites
 from dti_sprites.module import DTISpritesModule
 
-MODEL = dict(
-    image_size=20,
-    n_sprites=3,
-    n_layers=2,
-    n_backgrounds=1,
-    sprite_size=12,
-    mask_std=3,
-    empty_sprite=True,
-    occlusion="predicted",
-    greedy_passes=2,
-    background_transforms=["color"],
-    background_init="mean",
-)
+MODEL = {**SMALL_MODEL, "greedy_passes": 2, "sprite_transforms": [], "background_init": "mean"}
 
 
 def trainer(tmp_path, **kwargs):

@@ -7,24 +7,13 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from small_model import SMALL_MODEL
 
 from dti_sprites.callbacks import Curriculum, LRDrops, SpriteFreeze, SpriteReassignment
 from dti_sprites.model import DTISprites
 from dti_sprites.module import DTISpritesModule
 
-MODEL = dict(
-    image_size=20,
-    n_sprites=3,
-    n_layers=2,
-    n_backgrounds=1,
-    sprite_size=12,
-    mask_std=3,
-    empty_sprite=False,
-    occlusion="predicted",
-    greedy_passes=1,
-    sprite_transforms=["similarity"],
-    background_transforms=["color"],
-)
+MODEL = {**SMALL_MODEL, "empty_sprite": False}
 EPOCHS, BATCHES = 6, 2  # 12 steps; the interrupted run stops after epoch 3 (step 6)
 
 
