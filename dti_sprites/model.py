@@ -329,10 +329,9 @@ class DTISprites(nn.Module):
     def candidate_penalty(self) -> Tensor:
         """λ per candidate (K,): λ for sprites, 0 for the empty one (inf while frozen)."""
         k0 = self.sprites.n_sprites
-        frozen = bool(self.sprites_frozen)
-        penalty = torch.full((self.n_candidates,), 0.0 if frozen else self.empty_penalty)
+        penalty = torch.full((self.n_candidates,), self.active_penalty)
         if self.sprites.empty_sprite:
-            penalty[k0] = float("inf") if frozen else 0.0
+            penalty[k0] = float("inf") if bool(self.sprites_frozen) else 0.0
         return penalty.to(self.sprites_frozen.device)
 
     def _canvases(self, noisy: bool) -> Tensor:

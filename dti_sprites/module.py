@@ -254,13 +254,13 @@ class DTISpritesModule(L.LightningModule):
         )
         result: dict[str, Tensor] = {}
         inputs: dict[str, tuple[Tensor, Tensor]] = {}
-        if "mask" in batch:
+        if "mask" in batch and self.model.n_layers > 1:
+            instance_fg = out.instance_fg(image)
+            inputs["instance"] = (out.instance(), batch["mask"])
+            inputs["instance_fg"] = (instance_fg, batch["mask"])
+            result["ari_fg"] = ari_per_image(instance_fg, batch["mask"], foreground_only=True)
+        elif "mask" in batch:  # single-object data: the sprite's mask against the object's
             inputs["foreground"] = (out.instance() > 0, batch["mask"] > 0)
-            if self.model.n_layers > 1:
-                instance_fg = out.instance_fg(image)
-                inputs["instance"] = (out.instance(), batch["mask"])
-                inputs["instance_fg"] = (instance_fg, batch["mask"])
-                result["ari_fg"] = ari_per_image(instance_fg, batch["mask"], foreground_only=True)
         if "semantic" in batch:
             inputs["semantic"] = (out.semantic(), batch["semantic"])
         if "label" in batch:
