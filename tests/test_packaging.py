@@ -56,3 +56,13 @@ def test_editable_install_imports_the_mapped_packages_from_anywhere(tmp_path):
         "dti_sprites.datamodules.multi_object",
         "dti_sprites.callbacks.freeze",
     ]
+
+
+def test_the_tests_import_the_installed_package_not_a_tests_folder():
+    # pytest puts tests/ on sys.path (pythonpath), so a folder tests/dti_sprites would shadow the
+    # editable install as a namespace package and every `dti_sprites.<sub>` import would fail.
+    import dti_sprites
+
+    assert (ROOT / "tests" / "dti_sprites").exists() is False
+    assert Path(dti_sprites.__file__).parent == ROOT / "dti_sprites"
+    assert hasattr(dti_sprites, "DTISprites")
