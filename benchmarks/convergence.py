@@ -2,7 +2,7 @@
 
     python benchmarks/convergence.py --config tetrominoes_fast|FILE.yaml [--steps 4000]
         [--every 500] [--seeds 0 1] [--threads 1] [--data FILE.h5] [--generate N] [--heldout 1000]
-        [--name NAME] [--out benchmarks/convergence] [-- EXTRA CLI ARGUMENTS]
+        [--name NAME] [--out benchmarks/convergence] [--checkpoint] [-- EXTRA CLI ARGUMENTS]
 
 Trains ``experiments/<config>.yaml`` through the project's LightningCLI, callbacks and all
 (its checkpointing, dashboard and logger are left out), for ``--steps`` steps, validating every
@@ -16,6 +16,7 @@ Trains ``experiments/<config>.yaml`` through the project's LightningCLI, callbac
 sprites chosen by at least 0.2/K0 of the layers since the previous row, the reassignment's
 threshold), ``seed<S>_sprites.png`` (the sprite bank at the end) and, once every seed is done,
 ``curves.png`` (the four scores against the step, one line per seed and protocol).
+``--checkpoint`` also saves the trained model as ``seed<S>.ckpt`` (to look at its decompositions).
 ``--data`` (default: the config's file) is generated with ``--generate`` scenes when missing.
 Arguments after ``--`` go to the CLI, e.g. ``-- --model.lr=1e-3``.
 """
@@ -139,6 +140,8 @@ def run_seed(args: argparse.Namespace, extra: list[str], seed: int, folder: Path
     trainer.callbacks.append(Recorder(folder / f"seed{seed}.csv"))
     trainer.fit(module, cli.datamodule)
     save_figure(sprite_figure(module.model, zoom=2), folder / f"seed{seed}_sprites.png")
+    if args.checkpoint:
+        trainer.save_checkpoint(folder / f"seed{seed}.ckpt")
 
 
 def plot(folder: Path, seeds: list[int], title: str) -> Path:
@@ -177,6 +180,7 @@ def main() -> None:
     parser.add_argument("--heldout", type=int, default=1000)
     parser.add_argument("--name", default=None, help="default: the config's name")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "convergence")
+    parser.add_argument("--checkpoint", action="store_true", help="save seed<S>.ckpt at the end")
     parser.add_argument("--seed", type=int, default=None, help=argparse.SUPPRESS)  # one worker
     args, extra = parser.parse_known_args()
     extra = [a for a in extra if a != "--"]

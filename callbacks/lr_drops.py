@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 from jsonargparse.typing import NonNegativeFloat, PositiveInt
 
 
 class LRDrops(L.Callback):
-    """Multiplies each group's learning rate by its own gamma at every epoch milestone.
+    """Multiplies each group's learning rate by its own gamma at every milestone.
+
+    Milestones count epochs (``interval="epoch"``, the paper's schedules) or training steps
+    (``interval="step"``, for runs shorter than a few epochs).
 
     ``gammas`` lists one factor per optimizer group in order (prototypes, networks), e.g.
     ``[1, 0.1]`` keeps the sprite lr and divides the network lr by 10; a single value applies to
@@ -24,13 +27,23 @@ class LRDrops(L.Callback):
         self,
         milestones: list[PositiveInt] | None = None,
         gammas: Sequence[NonNegativeFloat] = (0.1,),
+        interval: Literal["epoch", "step"] = "epoch",
     ) -> None:
         self.milestones = sorted(int(m) for m in milestones or [])
         self.gammas = [float(g) for g in gammas]
+        self.interval = interval
         self.drops = 0
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.drops = sum(m <= trainer.current_epoch for m in self.milestones)
+        if self.interval == "epoch":
+            self._set(trainer, trainer.current_epoch)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.interval == "step":
+            self._set(trainer, trainer.global_step)  # steps done before this one
+
+    def _set(self, trainer: L.Trainer, now: int) -> None:
+        self.drops = sum(m <= now for m in self.milestones)
         for optimizer in trainer.optimizers:
             groups = optimizer.param_groups
             gammas = self.gammas * len(groups) if len(self.gammas) == 1 else self.gammas

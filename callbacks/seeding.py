@@ -21,7 +21,9 @@ class SpriteSeeding(L.Callback):
     masks and the sprites are unfrozen. Then, every ``refit_every`` steps up to
     ``refit_until``, each sprite chosen by at least ``min_count`` layers of the last
     ``collect_steps`` batches gets the mean of their crops as its mask (a Lloyd step through
-    the warp). The masks' optimizer state is reset each time. Rank 0 computes, every rank
+    the warp). At the refit steps listed in ``reseed_at`` k-means runs again instead, from
+    the better-placed layers of that time: it splits the mixtures and merges the duplicates
+    that refits keep. The masks' optimizer state is reset each time. Rank 0 computes, every rank
     receives its masks. A departure from the paper's training, for fast convergence: see
     ``docs/method.md``.
 
@@ -32,6 +34,7 @@ class SpriteSeeding(L.Callback):
         refit_until: last step of a refit (default: no limit).
         min_pixels: smallest layer support that is used, in image pixels.
         min_count: fewest layers that must have chosen a sprite for its refit.
+        reseed_at: refit steps at which k-means runs again instead of the refit.
         centre: shift every crop so that its centre of mass is at the canvas centre (whole
             pixels) before clustering or averaging; the network then learns to place the
             centred sprites.
@@ -48,12 +51,21 @@ class SpriteSeeding(L.Callback):
         min_count: PositiveInt = 10,
         centre: bool = True,
         seed: int = 0,
+        reseed_at: list[PositiveInt] | None = None,
     ) -> None:
         if refit_every and collect_steps > refit_every:
             raise ValueError(
                 f"SpriteSeeding.collect_steps ({collect_steps}) must not exceed refit_every "
                 f"({refit_every})"
             )
+        self.reseed_at = sorted(int(s) for s in reseed_at or [])
+        for step in self.reseed_at:
+            refit = refit_every and step > at_step and (step - at_step) % refit_every == 0
+            if not refit or (refit_until is not None and step > refit_until):
+                raise ValueError(
+                    f"SpriteSeeding.reseed_at: step {step} is not a refit step (at_step "
+                    f"{at_step} + a multiple of refit_every {refit_every}, up to refit_until)"
+                )
         self.at_step, self.collect_steps = int(at_step), int(collect_steps)
         self.refit_every = int(refit_every)
         self.refit_until = None if refit_until is None else int(refit_until)
@@ -92,14 +104,15 @@ class SpriteSeeding(L.Callback):
         masks = model.sprites.mask  # (K0, 1, h, w)
         k0 = len(masks)
         new = masks.detach().flatten(1).clone()  # (K0, h·w)
-        event: dict[str, Any] = {"step": step, "kind": "seed" if step == self.at_step else "refit"}
+        kind = "seed" if step == self.at_step else "reseed" if step in self.reseed_at else "refit"
+        event: dict[str, Any] = {"step": step, "kind": kind}
         if trainer.is_global_zero:
             crops, choices = torch.cat(self.crops), torch.cat(self.choices)
             if self.centre:
                 crops = centre_crops(crops, masks.shape[-2:])
             event["crops"] = len(crops)
-            if event["kind"] == "seed":
-                new = kmeans_masks(crops, k0, self.seed).to(new)
+            if kind != "refit":
+                new = kmeans_masks(crops, k0, self.seed + len(self.events)).to(new)
             else:
                 means, counts = refit_masks(crops, choices, k0)
                 refit = counts >= self.min_count

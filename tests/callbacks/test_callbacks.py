@@ -80,6 +80,20 @@ def test_lr_drops_apply_per_group_gammas(tmp_path, squares):
         fit(tmp_path, squares, [LRDrops(milestones=[1], gammas=[1.0, 0.1, 0.5])], epochs=1)
 
 
+def test_lr_drops_count_steps_when_asked():
+    module = DTISpritesModule(DTISprites(image_size=20, n_sprites=3, n_layers=2, sprite_size=12))
+    optimizer = module.configure_optimizers()
+    drops = LRDrops(milestones=[3, 5], gammas=[0.5], interval="step")
+    seen = []
+    for step in range(7):
+        trainer = SimpleNamespace(optimizers=[optimizer], global_step=step, current_epoch=0)
+        drops.on_train_epoch_start(trainer, module)  # no effect in step mode
+        drops.on_train_batch_start(trainer, module, None, step)
+        seen.append(optimizer.param_groups[0]["lr"] / optimizer.param_groups[0]["initial_lr"])
+    assert seen == pytest.approx([1, 1, 1, 0.5, 0.5, 0.25, 0.25])
+    assert drops.state_dict() == {"drops": 2}
+
+
 def test_lr_drops_give_a_separate_encoder_group_the_networks_gamma():
     module = DTISpritesModule(
         DTISprites(image_size=20, n_sprites=3, n_layers=2, sprite_size=12),

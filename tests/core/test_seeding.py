@@ -118,6 +118,33 @@ def test_callback_freezes_until_it_seeds_then_refits(tmp_path):
     assert seeding.state_dict()["crops"] == []
 
 
+def test_reseeding_runs_kmeans_again_at_the_listed_refit_steps(tmp_path):
+    model = opaque_model()
+    seeding = SpriteSeeding(
+        at_step=2, collect_steps=1, refit_every=1, min_count=1, centre=False, reseed_at=[3]
+    )
+    trainer = L.Trainer(
+        default_root_dir=tmp_path,
+        max_steps=4,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        callbacks=[seeding],
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(DTISpritesModule(model, lr=1e-9), PieceData())
+    kinds = [(e["step"], e["kind"]) for e in seeding.events]
+    assert kinds == [(2, "seed"), (3, "reseed"), (4, "refit")]
+    masks = model.sprites.mask.detach().flatten(1)
+    torch.testing.assert_close(masks, PIECE.flatten().expand(3, -1), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="reseed_at: step 4"):
+        SpriteSeeding(at_step=2, refit_every=3, collect_steps=1, reseed_at=[4])
+    with pytest.raises(ValueError, match="reseed_at: step 5"):
+        SpriteSeeding(at_step=2, refit_every=3, collect_steps=1, refit_until=4, reseed_at=[5])
+
+
 def test_collect_window_must_fit_between_refits():
     with pytest.raises(ValueError, match="collect_steps"):
         SpriteSeeding(at_step=10, collect_steps=20, refit_every=5)
