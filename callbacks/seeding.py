@@ -6,7 +6,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from jsonargparse.typing import NonNegativeInt, PositiveInt
+from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveInt
 
 from dti_sprites.seeding import centre_crops, kmeans_masks, layer_crops, refit_masks
 
@@ -35,6 +35,9 @@ class SpriteSeeding(L.Callback):
         min_pixels: smallest layer support that is used, in image pixels.
         min_count: fewest layers that must have chosen a sprite for its refit.
         reseed_at: refit steps at which k-means runs again instead of the refit.
+        background_tolerance: also count a layer's pixels whose squared RGB distance to the
+            background exceeds this (see :func:`dti_sprites.seeding.layer_crops`); None: only
+            the pixels that the layer explains better than the background.
         centre: shift every crop so that its centre of mass is at the canvas centre (whole
             pixels) before clustering or averaging; the network then learns to place the
             centred sprites.
@@ -52,6 +55,7 @@ class SpriteSeeding(L.Callback):
         centre: bool = True,
         seed: int = 0,
         reseed_at: list[PositiveInt] | None = None,
+        background_tolerance: NonNegativeFloat | None = None,
     ) -> None:
         if refit_every and collect_steps > refit_every:
             raise ValueError(
@@ -71,6 +75,9 @@ class SpriteSeeding(L.Callback):
         self.refit_until = None if refit_until is None else int(refit_until)
         self.min_pixels, self.min_count, self.seed = int(min_pixels), int(min_count), int(seed)
         self.centre = bool(centre)
+        self.background_tolerance = (
+            None if background_tolerance is None else float(background_tolerance)
+        )
         self.crops: list[torch.Tensor] = []
         self.choices: list[torch.Tensor] = []
         self.events: list[dict[str, Any]] = []
@@ -93,7 +100,9 @@ class SpriteSeeding(L.Callback):
         if event is None or step <= event - self.collect_steps:
             return
         if trainer.is_global_zero:
-            crops, choices = layer_crops(pl_module.model, batch["image"], self.min_pixels)
+            crops, choices = layer_crops(
+                pl_module.model, batch["image"], self.min_pixels, self.background_tolerance
+            )
             self.crops.append(crops.cpu())
             self.choices.append(choices.cpu())
         if step == event:

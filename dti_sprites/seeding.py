@@ -18,11 +18,19 @@ from dti_sprites.model import DTISprites
 
 
 @torch.no_grad()
-def layer_crops(model: DTISprites, image: Tensor, min_pixels: int = 4) -> tuple[Tensor, Tensor]:
+def layer_crops(
+    model: DTISprites,
+    image: Tensor,
+    min_pixels: int = 4,
+    background_tolerance: float | None = None,
+) -> tuple[Tensor, Tensor]:
     """The support of every layer instance, in sprite-canvas coordinates.
 
     A layer's support is the pixels that ``instance_fg`` gives it and that its colour explains
-    better than the background does. The model runs in evaluation mode (no mask noise).
+    better than the background does. With ``background_tolerance`` τ, its pixels that the
+    background does not explain (squared RGB distance above τ) count too: shaded piece edges
+    that a black background fits about as well as the layer's flat colour, which the masks
+    would otherwise lose (docs/method.md §11). The model runs in evaluation mode (no mask noise).
 
     image (B, C, H, W) in [0, 1]. Returns crops (N, h·w) in [0, 1] and the sprite each of those
     layers chose (N,) int64, for the N = at most B·L layers with a non-empty sprite and at least
@@ -40,7 +48,10 @@ def layer_crops(model: DTISprites, image: Tensor, min_pixels: int = 4) -> tuple[
     own = labels[:, None] == layer_ids[None, :, None, None]  # (B, L, H, W)
     layer_err = (out.layers[:, :, :-1] - image[:, None]).pow(2).sum(2)  # (B, L, H, W)
     background_err = (out.background - image).pow(2).sum(1)[:, None]  # (B, 1, H, W)
-    support = (own & (layer_err < background_err)).to(image.dtype)  # (B, L, H, W)
+    explained = layer_err < background_err  # (B, L, H, W)
+    if background_tolerance is not None:
+        explained = explained | (background_err > background_tolerance)
+    support = (own & explained).to(image.dtype)  # (B, L, H, W)
     crops = model.to_canvas(support[:, :, None], out.params).clamp(0, 1)  # (B, L, 1, h, w)
     keep = (support.flatten(2).sum(2) >= min_pixels) & (out.sprite_choice >= 0)  # (B, L)
     return crops.flatten(2)[keep], out.sprite_choice[keep]  # (N, h·w), (N,)

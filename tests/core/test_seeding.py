@@ -54,6 +54,20 @@ def test_layer_crops_of_a_placed_piece_are_the_piece():
     assert ((choices >= 0) & (choices < 3)).all()
 
 
+def test_background_tolerance_keeps_dim_piece_pixels():
+    images = scenes(2)
+    images[:, :, 12:13, 8:10] = 0.3  # a dim edge of the foot: black fits it better than grey 0.9
+    dim = torch.zeros(10, 10, dtype=torch.bool)
+    dim[7, 3:5] = True  # the same pixels in the canvas
+    strict, _ = layer_crops(opaque_model(), images)
+    assert (strict[:, dim.flatten()] == 0).all()  # lost without a tolerance
+    torch.testing.assert_close(
+        strict[:, ~dim.flatten()], PIECE.flatten()[~dim.flatten()].expand(2, -1)
+    )
+    tolerant, _ = layer_crops(opaque_model(), images, background_tolerance=0.05)
+    torch.testing.assert_close(tolerant, PIECE.flatten().expand(2, -1))  # 3·0.3² = 0.27 > 0.05
+
+
 def test_seeding_from_one_repeated_piece_gives_that_piece():
     crops, _ = layer_crops(opaque_model(), scenes(6))
     with warnings.catch_warnings():
