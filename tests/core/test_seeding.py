@@ -102,6 +102,22 @@ class PieceData(DTIDataModule):
         return DataLoader([{"image": x} for x in scenes(16)], batch_size=4)
 
 
+def train(tmp_path, model: DTISprites, callbacks: list[L.Callback], steps: int) -> None:
+    """``steps`` training steps on the placed piece at a negligible lr (only callbacks act)."""
+    trainer = L.Trainer(
+        default_root_dir=tmp_path,
+        max_steps=steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(DTISpritesModule(model, lr=1e-9), PieceData())
+
+
 def test_callback_freezes_until_it_seeds_then_refits(tmp_path):
     model = opaque_model()
     seeding = SpriteSeeding(at_step=3, collect_steps=2, refit_every=2, min_count=1, centre=False)
@@ -112,18 +128,7 @@ def test_callback_freezes_until_it_seeds_then_refits(tmp_path):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             frozen.append(bool(pl_module.model.sprites_frozen))
 
-    trainer = L.Trainer(
-        default_root_dir=tmp_path,
-        max_steps=5,
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        callbacks=[seeding, Watch()],
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(DTISpritesModule(model, lr=1e-9), PieceData())
+    train(tmp_path, model, [seeding, Watch()], steps=5)
     assert frozen == [True, True, True, False, False]
     assert [(e["step"], e["kind"]) for e in seeding.events] == [(3, "seed"), (5, "refit")]
     assert seeding.events[0]["crops"] == 8  # 2 batches of 4 images, one layer each
@@ -137,18 +142,7 @@ def test_reseeding_runs_kmeans_again_at_the_listed_refit_steps(tmp_path):
     seeding = SpriteSeeding(
         at_step=2, collect_steps=1, refit_every=1, min_count=1, centre=False, reseed_at=[3]
     )
-    trainer = L.Trainer(
-        default_root_dir=tmp_path,
-        max_steps=4,
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        callbacks=[seeding],
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(DTISpritesModule(model, lr=1e-9), PieceData())
+    train(tmp_path, model, [seeding], steps=4)
     kinds = [(e["step"], e["kind"]) for e in seeding.events]
     assert kinds == [(2, "seed"), (3, "reseed"), (4, "refit")]
     masks = model.sprites.mask.detach().flatten(1)
