@@ -62,17 +62,16 @@ class SpriteSeeding(L.Callback):
                 f"SpriteSeeding.collect_steps ({collect_steps}) must not exceed refit_every "
                 f"({refit_every})"
             )
+        self.at_step, self.collect_steps = int(at_step), int(collect_steps)
+        self.refit_every = int(refit_every)
+        self.refit_until = None if refit_until is None else int(refit_until)
         self.reseed_at = sorted(int(s) for s in reseed_at or [])
         for step in self.reseed_at:
-            refit = refit_every and step > at_step and (step - at_step) % refit_every == 0
-            if not refit or (refit_until is not None and step > refit_until):
+            if step <= self.at_step or self.next_event(step) != step:
                 raise ValueError(
                     f"SpriteSeeding.reseed_at: step {step} is not a refit step (at_step "
                     f"{at_step} + a multiple of refit_every {refit_every}, up to refit_until)"
                 )
-        self.at_step, self.collect_steps = int(at_step), int(collect_steps)
-        self.refit_every = int(refit_every)
-        self.refit_until = None if refit_until is None else int(refit_until)
         self.min_pixels, self.min_count, self.seed = int(min_pixels), int(min_count), int(seed)
         self.centre = bool(centre)
         self.background_tolerance = (
