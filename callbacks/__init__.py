@@ -4,6 +4,7 @@ methods and keep their counters in ``state_dict()`` so a resumed run continues e
 from dti_sprites.callbacks.curriculum import Curriculum
 from dti_sprites.callbacks.dashboard import SpriteDashboard
 from dti_sprites.callbacks.freeze import SpriteFreeze
+from dti_sprites.callbacks.layer_reset import LayerReset
 from dti_sprites.callbacks.lr_drops import LRDrops
 from dti_sprites.callbacks.predictions import PredictionWriter
 from dti_sprites.callbacks.reassignment import SpriteReassignment
@@ -13,6 +14,7 @@ from dti_sprites.callbacks.seeding import SpriteSeeding
 __all__ = [
     "Curriculum",
     "LRDrops",
+    "LayerReset",
     "PredictionWriter",
     "SpriteDashboard",
     "SpriteFreeze",

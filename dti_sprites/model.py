@@ -285,6 +285,22 @@ class DTISprites(nn.Module):
                 slices += head.group_slices(layer * k0 + k)
         return slices
 
+    @torch.no_grad()
+    def reset_layer(self, layer: int) -> list[ParamSlice]:
+        """Put layer ``layer`` back at its initial placement and colour, for every image.
+
+        Zeroes the output layer of each of its layer-transformation heads, so they predict zero
+        parameters again (the canvas centred on half the image, the colour unchanged) while
+        their hidden layers and the shared encoder keep what they learned. Returns the zeroed
+        slices, for resetting their optimizer state too.
+        """
+        if not 0 <= layer < self.n_layers:
+            raise ValueError(f"layer {layer} does not exist: the model has {self.n_layers}")
+        slices = [s for head in self.layer_transforms.heads for s in head.output_slices(layer)]
+        for param, index in slices:
+            param[index] = 0
+        return slices
+
     def idle_parameters(self) -> list[nn.Parameter]:
         """Parameters that must not change now: frozen sprites, heads of inactive modules."""
         idle = [self.sprites.appearance, self.sprites.mask] if bool(self.sprites_frozen) else []

@@ -149,7 +149,8 @@ class DTISpritesModule(L.LightningModule):
             # Keep every parameter in the graph so that plain DDP (no unused-parameter search)
             # works; their zero gradients are dropped in on_before_optimizer_step.
             loss = loss + 0.0 * sum(p.sum() for p in idle)
-        return {"loss": loss, "sprite_choice": choice.detach()}
+        layer_mass = out.layers[:, :, -1].detach().sum((2, 3))  # (B, L) alpha, as placed
+        return {"loss": loss, "sprite_choice": choice.detach(), "layer_mass": layer_mass}
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Frozen sprites and inactive heads get no update at all (no momentum, no decay).

@@ -29,6 +29,16 @@ def copy_optimizer_state(
                 value[i_dst] = value[i_src].clone()
 
 
+@torch.no_grad()
+def reset_optimizer_state(optimizer: torch.optim.Optimizer, slices: Iterable[ParamSlice]) -> None:
+    """Zero every per-element state tensor (e.g. Adam's moments) of each slice: the slice
+    starts afresh, as a new parameter would; scalar state such as ``step`` stays."""
+    for param, index in slices:
+        for value in optimizer.state.get(param, {}).values():
+            if torch.is_tensor(value) and value.shape == param.shape:
+                value[index] = 0
+
+
 class Adam(torch.optim.Adam):
     """torch's Adam, where a parameter group may take several updates per step.
 

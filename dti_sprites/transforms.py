@@ -245,6 +245,10 @@ class GroupedMLP(nn.Module):
         slices += [(w, (g,)) for w in self.weights[1:]]
         return slices + [(b, (g,)) for b in self.biases]
 
+    def output_slices(self, g: int) -> list[tuple[nn.Parameter, tuple[int | slice, ...]]]:
+        """(parameter, index) of group g's output layer: zeroed, the group predicts zeros."""
+        return [(self.weights[-1], (g,)), (self.biases[-1], (g,))]
+
     def forward(self, features: Tensor) -> Tensor:
         f, g, h = self.weights[0].shape
         x = (features @ self.weights[0].view(f, g * h)).view(-1, g, h)  # (B, G, hidden)

@@ -5,7 +5,13 @@ import pytest
 import torch
 from small_model import SMALL_MODEL
 
-from dti_sprites.callbacks import Curriculum, LRDrops, SpriteFreeze, SpriteReassignment
+from dti_sprites.callbacks import (
+    Curriculum,
+    LayerReset,
+    LRDrops,
+    SpriteFreeze,
+    SpriteReassignment,
+)
 from dti_sprites.model import DTISprites
 from dti_sprites.module import DTISpritesModule
 
@@ -156,3 +162,37 @@ def test_reassignment_fires_every_n_steps_and_not_while_frozen(tmp_path, squares
     restored = SpriteReassignment()
     restored.load_state_dict(callback.state_dict())
     assert restored.events == callback.events
+
+
+class ShrinkLayer(L.Callback):
+    """Before training, shrinks layer 1's sprite to a dot in every image (scale 1 + e⁶)."""
+
+    def on_train_start(self, trainer, pl_module):
+        position = pl_module.model.layer_transforms.heads[1]  # heads: colour, position
+        with torch.no_grad():
+            position.biases[-1][1, 0] = 6.0
+
+
+def test_layer_reset_puts_back_a_layer_that_shrank_out_of_use(tmp_path, squares):
+    callback = LayerReset(every_n_steps=2, min_share=0.2)
+    module, _ = fit(
+        tmp_path, squares, [ShrinkLayer(), callback], epochs=1, lr=1e-9, empty_sprite=False
+    )
+    assert callback.events == [{"step": 2, "layer": 1}]
+    position = module.model.layer_transforms.heads[1]
+    assert position.biases[-1][1].abs().max() == 0  # back at the initial placement
+    optimizer = module.trainer.optimizers[0]
+    assert optimizer.state[position.biases[-1]]["exp_avg"][1].abs().max() == 0  # fresh state
+    assert optimizer.state[position.biases[-1]]["exp_avg"][0].abs().max() > 0  # layer 0 kept
+    restored = LayerReset()
+    restored.load_state_dict(callback.state_dict())
+    assert restored.events == callback.events and restored.steps == 0
+
+
+def test_layer_reset_leaves_live_layers_and_stops_after_until(tmp_path, squares):
+    live = LayerReset(every_n_steps=2)
+    fit(tmp_path, squares, [live], epochs=1, lr=1e-9, empty_sprite=False)
+    assert live.events == []
+    late = LayerReset(every_n_steps=2, until=1)
+    fit(tmp_path, squares, [ShrinkLayer(), late], epochs=1, lr=1e-9, empty_sprite=False)
+    assert late.events == []

@@ -275,3 +275,24 @@ def test_masks_pushed_beyond_one_resist_the_noise():
         # Away from the canvas border (where bilinear sampling blends with the zero padding).
         inner = torch.nn.functional.avg_pool2d(support.float(), 3, 1, 1) == 1
         assert (alpha[inner].min() >= 0.99) == opaque
+
+
+def test_reset_layer_puts_that_layer_back_at_its_initial_placement_only():
+    torch.manual_seed(0)
+    model = DTISprites(**CONFIGS["tetrominoes"], layer_transforms=["color", "position"]).eval()
+    image = torch.rand(4, 3, 20, 20)
+    with torch.no_grad():
+        for head in model.layer_transforms.heads:  # trained heads: non-zero outputs
+            for p in head.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+    before = model(image).params["layer/position"]  # (B, L, 3)
+    assert before[:, 1].abs().min() > 0
+    slices = model.reset_layer(1)
+    after = model(image)
+    assert len(slices) == 4  # output weight and bias of the colour and the position heads
+    torch.testing.assert_close(after.params["layer/position"][:, 1], torch.zeros(4, 3))
+    torch.testing.assert_close(after.params["layer/color"][:, 1], torch.zeros(4, 6))
+    for other in (0, 2):
+        torch.testing.assert_close(after.params["layer/position"][:, other], before[:, other])
+    with pytest.raises(ValueError, match="layer 3 does not exist: the model has 3"):
+        model.reset_layer(3)
