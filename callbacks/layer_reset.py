@@ -21,8 +21,11 @@ class LayerReset(L.Callback):
     alpha mass (its mask summed over the image, as placed, over the training batches since the
     last check and all DDP ranks) is below ``min_share`` × the mean layer's; its
     layer-transformation heads are then reset (``DTISprites.reset_layer``: the initial,
-    centred placement), with fresh optimizer state for the reset slices. No check after step
-    ``until`` (None: never stops). Off in the paper configs.
+    centred placement). Adam's first moments of the reset slices are zeroed (the old direction
+    was the one that shrank the layer); their second moments are kept: with fresh ones, Adam's
+    first steps move every weight of the head by about the lr, and a reset layer shrank out of
+    use again within 100 steps. No check after step ``until`` (None: never stops). Off in the
+    paper configs.
     """
 
     def __init__(
@@ -52,7 +55,7 @@ class LayerReset(L.Callback):
         dead = [int(layer) for layer in torch.nonzero(total < self.min_share * total.mean())]
         for layer in dead:
             slices = pl_module.model.reset_layer(layer)
-            reset_optimizer_state(trainer.optimizers[0], slices)
+            reset_optimizer_state(trainer.optimizers[0], slices, keys=["exp_avg"])
             self.events.append({"step": step, "layer": layer})
         pl_module.log("train/layers_reset", float(len(dead)), reduce_fx="sum")
 

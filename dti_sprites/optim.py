@@ -30,11 +30,16 @@ def copy_optimizer_state(
 
 
 @torch.no_grad()
-def reset_optimizer_state(optimizer: torch.optim.Optimizer, slices: Iterable[ParamSlice]) -> None:
-    """Zero every per-element state tensor (e.g. Adam's moments) of each slice: the slice
-    starts afresh, as a new parameter would; scalar state such as ``step`` stays."""
+def reset_optimizer_state(
+    optimizer: torch.optim.Optimizer, slices: Iterable[ParamSlice], keys: Iterable[str]
+) -> None:
+    """Zero the named per-element state tensors (e.g. Adam's ``exp_avg``) of each slice;
+    the others, and scalar state such as ``step``, stay."""
+    keys = list(keys)
     for param, index in slices:
-        for value in optimizer.state.get(param, {}).values():
+        state = optimizer.state.get(param, {})
+        for key in keys:
+            value = state.get(key)
             if torch.is_tensor(value) and value.shape == param.shape:
                 value[index] = 0
 

@@ -182,8 +182,10 @@ def test_layer_reset_puts_back_a_layer_that_shrank_out_of_use(tmp_path, squares)
     position = module.model.layer_transforms.heads[1]
     assert position.biases[-1][1].abs().max() == 0  # back at the initial placement
     optimizer = module.trainer.optimizers[0]
-    assert optimizer.state[position.biases[-1]]["exp_avg"][1].abs().max() == 0  # fresh state
-    assert optimizer.state[position.biases[-1]]["exp_avg"][0].abs().max() > 0  # layer 0 kept
+    state = optimizer.state[position.biases[-1]]
+    assert state["exp_avg"][1].abs().max() == 0  # no momentum towards the dot
+    assert state["exp_avg_sq"][1].max() > 0  # kept: the step size the head had
+    assert state["exp_avg"][0].abs().max() > 0  # layer 0 kept
     restored = LayerReset()
     restored.load_state_dict(callback.state_dict())
     assert restored.events == callback.events and restored.steps == 0
