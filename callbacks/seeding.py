@@ -8,6 +8,7 @@ import lightning as L
 import torch
 from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveInt
 
+from dti_sprites.optim import reset_optimizer_state
 from dti_sprites.seeding import centre_crops, kmeans_masks, layer_crops, refit_masks
 
 
@@ -131,9 +132,7 @@ class SpriteSeeding(L.Callback):
         with torch.no_grad():
             masks.copy_(new.view_as(masks))
         for optimizer in trainer.optimizers:
-            for value in optimizer.state.get(masks, {}).values():
-                if torch.is_tensor(value) and value.shape == masks.shape:
-                    value.zero_()  # moments of the old masks
+            reset_optimizer_state(optimizer, [(masks, (slice(None),))])  # the old masks' moments
         model.freeze_sprites(False)
         self.events.append(event)
 

@@ -31,16 +31,17 @@ def copy_optimizer_state(
 
 @torch.no_grad()
 def reset_optimizer_state(
-    optimizer: torch.optim.Optimizer, slices: Iterable[ParamSlice], keys: Iterable[str]
+    optimizer: torch.optim.Optimizer,
+    slices: Iterable[ParamSlice],
+    keys: Iterable[str] | None = None,
 ) -> None:
-    """Zero the named per-element state tensors (e.g. Adam's ``exp_avg``) of each slice;
-    the others, and scalar state such as ``step``, stay."""
-    keys = list(keys)
+    """Zero the named per-element state tensors (e.g. Adam's ``exp_avg``) of each slice, or
+    all of them when ``keys`` is None; scalar state such as ``step`` stays."""
+    keys = None if keys is None else set(keys)
     for param, index in slices:
-        state = optimizer.state.get(param, {})
-        for key in keys:
-            value = state.get(key)
-            if torch.is_tensor(value) and value.shape == param.shape:
+        for key, value in optimizer.state.get(param, {}).items():
+            per_element = torch.is_tensor(value) and value.shape == param.shape
+            if per_element and (keys is None or key in keys):
                 value[index] = 0
 
 

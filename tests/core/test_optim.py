@@ -7,7 +7,7 @@ import torch
 
 from dti_sprites.model import DTISprites
 from dti_sprites.module import DTISpritesModule
-from dti_sprites.optim import Adam
+from dti_sprites.optim import Adam, reset_optimizer_state
 
 
 def _train(make_optimizer, steps: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,3 +67,17 @@ def test_module_gives_the_encoder_its_updates():
     # One update per step (the default) keeps the encoder in the networks group.
     default = DTISpritesModule(model).configure_optimizers()
     assert [g["name"] for g in default.param_groups] == ["prototypes", "networks"]
+
+
+def test_reset_optimizer_state_zeroes_the_named_state_of_a_slice_only():
+    p = torch.nn.Parameter(torch.ones(3, 2))
+    optimizer = torch.optim.Adam([p])
+    p.grad = torch.ones(3, 2)
+    optimizer.step()
+    state = optimizer.state[p]
+    reset_optimizer_state(optimizer, [(p, (1,))], keys=["exp_avg"])
+    assert state["exp_avg"][1].abs().max() == 0 and state["exp_avg"][[0, 2]].min() > 0
+    assert state["exp_avg_sq"].min() > 0  # not named: kept
+    reset_optimizer_state(optimizer, [(p, (slice(None),))])  # every per-element tensor
+    assert state["exp_avg"].abs().max() == 0 and state["exp_avg_sq"].abs().max() == 0
+    assert state["step"] == 1  # scalar state stays
