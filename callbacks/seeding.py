@@ -9,7 +9,7 @@ import torch
 from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveInt
 
 from dti_sprites.optim import reset_optimizer_state
-from dti_sprites.seeding import centre_crops, kmeans_masks, layer_crops, refit_masks
+from dti_sprites.seeding import centre_crops, kmeans_masks, layer_crops, refit_masks, split_merge
 
 
 class SpriteSeeding(L.Callback):
@@ -24,9 +24,11 @@ class SpriteSeeding(L.Callback):
     ``collect_steps`` batches gets the mean of their crops as its mask (a Lloyd step through
     the warp). At the refit steps listed in ``reseed_at`` k-means runs again instead, from
     the better-placed layers of that time: it splits the mixtures and merges the duplicates
-    that refits keep. The masks' optimizer state is reset each time. Rank 0 computes, every rank
-    receives its masks. A departure from the paper's training, for fast convergence: see
-    ``docs/method.md``.
+    that refits keep. With ``split_merge_moves``, split-merge moves follow every k-means and
+    refit (:func:`dti_sprites.seeding.split_merge`): they split a mixture and free a duplicate
+    or a near-unused sprite for its second half. The masks' optimizer state is reset each time.
+    Rank 0 computes, every rank receives its masks. A departure from the paper's training, for
+    fast convergence: see ``docs/method.md``.
 
     Args:
         at_step: training step of the seeding.
@@ -42,6 +44,7 @@ class SpriteSeeding(L.Callback):
         centre: shift every crop so that its centre of mass is at the canvas centre (whole
             pixels) before clustering or averaging; the network then learns to place the
             centred sprites.
+        split_merge_moves: most split-merge moves after each k-means or refit (0: none).
         seed: k-means++ seed.
     """
 
@@ -57,6 +60,7 @@ class SpriteSeeding(L.Callback):
         seed: int = 0,
         reseed_at: list[PositiveInt] | None = None,
         background_tolerance: NonNegativeFloat | None = None,
+        split_merge_moves: NonNegativeInt = 0,
     ) -> None:
         if refit_every and collect_steps > refit_every:
             raise ValueError(
@@ -75,6 +79,7 @@ class SpriteSeeding(L.Callback):
                 )
         self.min_pixels, self.min_count, self.seed = int(min_pixels), int(min_count), int(seed)
         self.centre = bool(centre)
+        self.split_merge_moves = int(split_merge_moves)
         self.background_tolerance = (
             None if background_tolerance is None else float(background_tolerance)
         )
@@ -120,13 +125,19 @@ class SpriteSeeding(L.Callback):
             if self.centre:
                 crops = centre_crops(crops, masks.shape[-2:])
             event["crops"] = len(crops)
+            seed = self.seed + len(self.events)
             if kind != "refit":
-                new = kmeans_masks(crops, k0, self.seed + len(self.events)).to(new)
+                new = kmeans_masks(crops, k0, seed).to(new)
             else:
                 means, counts = refit_masks(crops, choices, k0)
                 refit = counts >= self.min_count
                 new[refit] = means[refit].to(new)
                 event["refit"] = int(refit.sum())
+            if self.split_merge_moves:
+                assignment = None if kind != "refit" else choices
+                centres, moves = split_merge(crops, new, assignment, self.split_merge_moves, seed)
+                new = centres.to(new).clamp(0, 1)
+                event["moves"] = moves
         self.crops, self.choices = [], []
         new = trainer.strategy.broadcast(new.to(pl_module.device), src=0)
         with torch.no_grad():

@@ -4,6 +4,7 @@ Once the layer transformations place the layers on the objects, the pixels a lay
 taken back through its own warp (:meth:`DTISprites.to_canvas`), show the shape it covers in
 sprite coordinates. Clustering many such crops (k-means) gives K0 masks at once, and averaging
 the crops of the layers that chose each sprite refits the masks in closed form (a Lloyd step).
+Split-merge moves take the clustering out of the local optima that Lloyd steps stop in.
 See ``docs/method.md``, "Fast recipe". Plain PyTorch and SciPy; a callback decides when.
 """
 
@@ -102,3 +103,105 @@ def refit_masks(crops: Tensor, choices: Tensor, k: int) -> tuple[Tensor, Tensor]
     counts = torch.bincount(choices, minlength=k)  # (k,)
     sums = crops.new_zeros(k, crops.shape[1]).index_add_(0, choices, crops)  # (k, D)
     return sums / counts.clamp(min=1)[:, None].to(crops), counts
+
+
+def _sq_distances(crops: Tensor, centres: Tensor) -> Tensor:
+    """Squared Euclidean distances (N, K) between crops (N, D) and centres (K, D)."""
+    cross = crops @ centres.T  # (N, K)
+    return (crops.pow(2).sum(1)[:, None] - 2 * cross + centres.pow(2).sum(1)[None]).clamp(min=0)
+
+
+def _two_means(crops: Tensor, seed: int, restarts: int = 3) -> tuple[Tensor, Tensor]:
+    """The best of ``restarts`` 2-means runs over crops (n, D): centres (2, D), labels (n,)."""
+    data = crops.detach().double().cpu().numpy()
+    best = None
+    for r in range(restarts):
+        centres, labels = kmeans2(data, 2, minit="++", seed=np.random.default_rng(seed + r))
+        sse = float(((data - centres[labels]) ** 2).sum())
+        if best is None or sse < best[0]:
+            best = (sse, centres, labels)
+    assert best is not None
+    return torch.from_numpy(best[1]).to(crops), torch.from_numpy(best[2]).to(crops.device)
+
+
+def split_merge(
+    crops: Tensor,
+    centres: Tensor,
+    assignment: Tensor | None = None,
+    max_moves: int = 4,
+    seed: int = 0,
+) -> tuple[Tensor, list[tuple[int, int]]]:
+    """Split one cluster and remove another while that lowers the k-means objective.
+
+    Lloyd steps (assign, average) stop where one centre covers two shapes (a mixture) while
+    two others share one shape (a duplicate) or hold stray crops. A move splits the cluster
+    whose 2-means split lowers the sum of squared crop-to-centre distances most, and removes
+    the cluster whose crops, sent to their next-nearest centre, raise it least; it is made
+    only when the first exceeds the second. The two halves' means take the two clusters'
+    places, and the crops of both are assigned to their nearest centre. Up to ``max_moves``
+    moves (docs/method.md §11).
+
+    crops (N, D); centres (K, D); assignment (N,) in [0, K), the cluster of each crop (e.g. the
+    sprite its layer chose), or None: the nearest centre, with Lloyd steps after every move.
+    Returns the centres (K, D) and the moves made, as (split, removed) cluster pairs. A centre
+    that a move changed, or that gained crops from one, is the mean of its crops (all of them
+    are, with ``assignment`` None); the others are returned as given.
+    """
+    x, centres = crops.double(), centres.double().clone()
+    k = len(centres)
+    nearest = assignment is None
+    label = _sq_distances(x, centres).argmin(1) if nearest else assignment.clone()
+    if nearest:
+        centres, label = _lloyd(x, centres, label)
+    moves: list[tuple[int, int]] = []
+    for move in range(max_moves):
+        dist = _sq_distances(x, centres)  # (N, K)
+        own = dist.gather(1, label[:, None])[:, 0]  # (N,)
+        others = dist.scatter(1, label[:, None], float("inf")).min(1).values  # (N,)
+        removal = torch.zeros(k, dtype=x.dtype).index_add_(0, label, others - own)  # (K,)
+        gain, halves = torch.full((k,), -1.0, dtype=x.dtype), {}
+        for c in range(k):
+            members = label == c
+            if int(members.sum()) < 4:
+                continue
+            two, sub = _two_means(x[members], seed + 97 * move + c)
+            sse_split = (x[members] - two[sub]).pow(2).sum()
+            sse = (x[members] - x[members].mean(0)).pow(2).sum()
+            gain[c], halves[c] = sse - sse_split, two
+        split = int(gain.argmax())
+        cost = removal.clone()
+        cost[split] = float("inf")
+        removed = int(cost.argmin())
+        if gain[split] <= cost[removed]:
+            break
+        centres[split], centres[removed] = halves[split]
+        changed = (label == split) | (label == removed)  # (N,)
+        label[changed] = _sq_distances(x[changed], centres).argmin(1)
+        touched = torch.zeros(k, dtype=torch.bool)
+        touched[label[changed]] = True
+        touched[[split, removed]] = True
+        centres = torch.where(touched[:, None], _means(x, label, centres), centres)
+        if nearest:
+            centres, label = _lloyd(x, centres, label)
+        moves.append((split, removed))
+    return centres.to(crops), moves
+
+
+def _means(x: Tensor, label: Tensor, centres: Tensor) -> Tensor:
+    """Each centre replaced by the mean of its crops; centres without crops are kept."""
+    k = len(centres)
+    counts = torch.bincount(label, minlength=k)  # (K,)
+    sums = torch.zeros_like(centres).index_add_(0, label, x)  # (K, D)
+    means = sums / counts.clamp(min=1)[:, None].to(x)
+    return torch.where(counts[:, None] > 0, means, centres)
+
+
+def _lloyd(x: Tensor, centres: Tensor, label: Tensor, steps: int = 30) -> tuple[Tensor, Tensor]:
+    """Lloyd steps (means, then nearest centre) until the assignment stops changing."""
+    for _ in range(steps):
+        centres = _means(x, label, centres)
+        new = _sq_distances(x, centres).argmin(1)
+        if torch.equal(new, label):
+            break
+        label = new
+    return centres, label

@@ -11,7 +11,13 @@ from dti_sprites.callbacks import SpriteSeeding
 from dti_sprites.datamodules.base import DTIDataModule
 from dti_sprites.model import DTISprites
 from dti_sprites.module import DTISpritesModule
-from dti_sprites.seeding import centre_crops, kmeans_masks, layer_crops, refit_masks
+from dti_sprites.seeding import (
+    centre_crops,
+    kmeans_masks,
+    layer_crops,
+    refit_masks,
+    split_merge,
+)
 
 # 20×20 images, a 10×10 canvas: at the initial placement (scale 2, centred) one canvas pixel is
 # one image pixel and the canvas covers image pixels 5..14 in both axes.
@@ -175,3 +181,59 @@ def test_centre_crops_shifts_in_zeros_not_the_other_side():
     centred = centre_crops(crop.flatten(1), (5, 5)).view(5, 5)
     assert centred[:, 2].tolist() == [1.0] * 5
     assert centred.sum() == 5  # nothing wrapped around
+
+
+def three_shapes() -> tuple[torch.Tensor, torch.Tensor]:
+    """30 noisy crops of each of three disjoint 4-pixel shapes (90, 16), and the shapes (3, 16)."""
+    shapes = torch.zeros(3, 16)
+    for i in range(3):
+        shapes[i, 4 * i : 4 * i + 4] = 1
+    noise = 0.01 * torch.randn(90, 16, generator=torch.Generator().manual_seed(0))
+    return shapes.repeat_interleave(30, 0) + noise, shapes
+
+
+def test_split_merge_splits_a_mixture_and_frees_a_duplicate():
+    crops, shapes = three_shapes()
+    # A Lloyd fixed point: one centre on the mixture of shapes 0 and 1, two on shape 2.
+    centres = torch.stack([(shapes[0] + shapes[1]) / 2, shapes[2] + 0.01, shapes[2] - 0.01])
+    for assignment in (None, torch.tensor([0] * 60 + [1] * 15 + [2] * 15)):
+        new, moves = split_merge(crops, centres, assignment)
+        assert moves == [(0, 2)]  # one move: split 0, remove a duplicate; then nothing pays
+        found = (new[:, None] - shapes[None]).abs().amax(2) < 0.05  # (centre, shape)
+        assert found.sum(0).tolist() == [1, 1, 1]  # every shape has exactly one centre
+        assert found.sum(1).tolist() == [1, 1, 1]
+
+
+def test_split_merge_gives_an_unused_centre_the_second_half():
+    crops, shapes = three_shapes()
+    centres = torch.stack([(shapes[0] + shapes[1]) / 2, shapes[2], torch.zeros(16)])
+    assignment = torch.tensor([0] * 60 + [1] * 30)  # centre 2 chosen by no layer
+    new, moves = split_merge(crops, centres, assignment, max_moves=3)
+    assert moves == [(0, 2)]
+    assert (new[1] - shapes[2]).abs().max() < 0.05  # the untouched centre keeps its place
+    halves = sorted((new[[0, 2]].argmax(1) // 4).tolist())
+    assert halves == [0, 1]  # shape 0 (pixels 0-3) and shape 1 (pixels 4-7)
+
+
+def test_split_merge_leaves_a_good_clustering_alone():
+    crops, shapes = three_shapes()
+    new, moves = split_merge(crops, shapes)
+    assert moves == []
+    torch.testing.assert_close(new, crops.view(3, 30, 16).mean(1))  # the Lloyd means
+    unmoved, none = split_merge(
+        crops, shapes + 0.1, assignment=torch.arange(3).repeat_interleave(30), max_moves=0
+    )
+    assert none == []
+    torch.testing.assert_close(unmoved, shapes + 0.1)  # no move: the centres as given
+
+
+def test_callback_records_split_merge_moves(tmp_path):
+    model = opaque_model()
+    seeding = SpriteSeeding(
+        at_step=2, collect_steps=1, refit_every=1, min_count=1, centre=False, split_merge_moves=2
+    )
+    train(tmp_path, model, [seeding], steps=3)
+    # Identical crops: no split lowers the objective, so no move; the masks are the piece.
+    assert [(e["kind"], e["moves"]) for e in seeding.events] == [("seed", []), ("refit", [])]
+    masks = model.sprites.mask.detach().flatten(1)
+    torch.testing.assert_close(masks, PIECE.flatten().expand(3, -1), atol=1e-6, rtol=0)
