@@ -147,8 +147,12 @@ def split_merge(
     that a move changed, or that gained crops from one, is the mean of its crops (all of them
     are, with ``assignment`` None); the others are returned as given.
     """
+    if assignment is not None and assignment.shape != crops.shape[:1]:
+        raise ValueError(
+            f"split_merge: assignment of shape {tuple(assignment.shape)} for {len(crops)} crops"
+        )
     x, centres = crops.double(), centres.double().clone()
-    k = len(centres)
+    k, device = len(centres), crops.device
     nearest = assignment is None
     label = _sq_distances(x, centres).argmin(1) if nearest else assignment.clone()
     if nearest:
@@ -158,8 +162,8 @@ def split_merge(
         dist = _sq_distances(x, centres)  # (N, K)
         own = dist.gather(1, label[:, None])[:, 0]  # (N,)
         others = dist.scatter(1, label[:, None], float("inf")).min(1).values  # (N,)
-        removal = torch.zeros(k, dtype=x.dtype).index_add_(0, label, others - own)  # (K,)
-        gain, halves = torch.full((k,), -1.0, dtype=x.dtype), {}
+        removal = x.new_zeros(k).index_add_(0, label, others - own)  # (K,)
+        gain, halves = x.new_full((k,), -1.0), {}
         for c in range(k):
             members = label == c
             if int(members.sum()) < 4:
@@ -177,7 +181,7 @@ def split_merge(
         centres[split], centres[removed] = halves[split]
         changed = (label == split) | (label == removed)  # (N,)
         label[changed] = _sq_distances(x[changed], centres).argmin(1)
-        touched = torch.zeros(k, dtype=torch.bool)
+        touched = torch.zeros(k, dtype=torch.bool, device=device)
         touched[label[changed]] = True
         touched[[split, removed]] = True
         centres = torch.where(touched[:, None], _means(x, label, centres), centres)
@@ -188,11 +192,8 @@ def split_merge(
 
 
 def _means(x: Tensor, label: Tensor, centres: Tensor) -> Tensor:
-    """Each centre replaced by the mean of its crops; centres without crops are kept."""
-    k = len(centres)
-    counts = torch.bincount(label, minlength=k)  # (K,)
-    sums = torch.zeros_like(centres).index_add_(0, label, x)  # (K, D)
-    means = sums / counts.clamp(min=1)[:, None].to(x)
+    """Each centre replaced by the mean of its crops (:func:`refit_masks`); without crops, kept."""
+    means, counts = refit_masks(x, label, len(centres))
     return torch.where(counts[:, None] > 0, means, centres)
 
 

@@ -225,6 +225,8 @@ def test_split_merge_leaves_a_good_clustering_alone():
     )
     assert none == []
     torch.testing.assert_close(unmoved, shapes + 0.1)  # no move: the centres as given
+    with pytest.raises(ValueError, match=r"assignment of shape \(89,\) for 90 crops"):
+        split_merge(crops, shapes, assignment=torch.zeros(89, dtype=torch.int64))
 
 
 def test_callback_records_split_merge_moves(tmp_path):
