@@ -20,7 +20,8 @@ threshold), ``seed<S>_sprites.png`` (the sprite bank at the end) and, once every
 ``--checkpoint`` also saves the trained model as ``seed<S>.ckpt`` (to look at its decompositions).
 ``--resume FOLDER`` continues every seed from ``FOLDER/seed<S>.ckpt`` (model, optimizer, callback
 state and random state) up to ``--steps``: variants of a schedule branch from one shared start
-and see the same batches until they differ, which halves a screen's time and its noise.
+and see the same batches until they differ: the shared steps run once, and the variants are
+compared pair by pair.
 ``--data`` (default: the config's file) is generated with ``--generate`` scenes when missing.
 Arguments after ``--`` go to the CLI, e.g. ``-- --model.lr=1e-3``.
 """
