@@ -2,7 +2,7 @@
 
     python benchmarks/convergence.py --config tetrominoes_fast|FILE.yaml [--steps 4000]
         [--every 500] [--seeds 0 1] [--threads 1] [--data FILE.h5] [--generate N] [--heldout 1000]
-        [--name NAME] [--out benchmarks/convergence] [--checkpoint] [--resume FOLDER]
+        [--test N] [--name NAME] [--out benchmarks/convergence] [--checkpoint] [--resume FOLDER]
         [-- EXTRA CLI ARGUMENTS]
 
 Trains ``experiments/<config>.yaml`` through the project's LightningCLI, callbacks and all
@@ -13,10 +13,13 @@ Trains ``experiments/<config>.yaml`` through the project's LightningCLI, callbac
 
     step, seconds, protocol, ari_fg, ari, macc, miou, sprites_in_use
 
-(``seconds`` since the start of training, validation included; ``sprites_in_use`` counts the
-sprites chosen by at least 0.2/K0 of the layers since the previous row, the reassignment's
-threshold), ``seed<S>_sprites.png`` (the sprite bank at the end) and, once every seed is done,
-``curves.png`` (the four scores against the step, one line per seed and protocol).
+(protocol ``heldout`` is the validation range, the ``--heldout`` records after the training
+range, on which settings are chosen; with ``--test N`` a last row ``test`` scores the N records
+after it, which no screen sees; ``seconds`` since the start of training, validation included;
+``sprites_in_use`` counts the sprites chosen by at least 0.2/K0 of the layers since the
+previous row, the reassignment's threshold), ``seed<S>_sprites.png`` (the sprite bank at the
+end) and, once every seed is done, ``curves.png`` (the four scores against the step, one line
+per seed and protocol).
 ``--checkpoint`` also saves the trained model as ``seed<S>.ckpt`` (to look at its decompositions).
 ``--resume FOLDER`` continues every seed from ``FOLDER/seed<S>.ckpt`` (model, optimizer, callback
 state and random state) up to ``--steps``: variants of a schedule branch from one shared start
@@ -60,6 +63,7 @@ class Recorder(L.Callback):
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.rename: dict[str, str] = {}  # protocol -> the name of its rows; "": no rows
         self.start = time.perf_counter()
         self.base: torch.Tensor | None = None  # the module's sprite usage at the last row
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -76,9 +80,11 @@ class Recorder(L.Callback):
         metrics = trainer.callback_metrics
         rows = []
         for protocol in pl_module.eval_protocols():
+            if self.rename.get(protocol) == "":
+                continue
             row: dict[str, Any] = {
                 "step": trainer.global_step,
-                "protocol": protocol,
+                "protocol": self.rename.get(protocol, protocol),
                 "seconds": round(time.perf_counter() - self.start, 1),
                 "sprites_in_use": in_use,
             }
@@ -145,6 +151,20 @@ def run_seed(args: argparse.Namespace, extra: list[str], seed: int, folder: Path
     trainer.callbacks.append(Recorder(folder / f"seed{seed}.csv"))
     ckpt = None if args.resume is None else args.resume / f"seed{seed}.ckpt"
     trainer.fit(module, cli.datamodule, ckpt_path=ckpt)
+    if args.test:  # the test range: the --test records after the validation range
+        recorder = trainer.callbacks[-1]
+        recorder.rename = {"paper320": "", "heldout": "test"}
+        test_data = build(
+            args,
+            [
+                *extra,
+                f"--data.init_args.heldout_offset={args.heldout}",
+                f"--data.init_args.heldout_size={args.test}",
+            ],
+            seed,
+            folder,
+        )
+        trainer.validate(module, test_data.datamodule)
     save_figure(sprite_figure(module.model, zoom=2), folder / f"seed{seed}_sprites.png")
     if args.checkpoint:
         trainer.save_checkpoint(folder / f"seed{seed}.ckpt")
@@ -183,7 +203,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--data", default=None, help="default: the config's file")
     parser.add_argument("--generate", type=int, default=0, help="scenes to generate if missing")
-    parser.add_argument("--heldout", type=int, default=1000)
+    parser.add_argument("--heldout", type=int, default=1000, help="validation records")
+    parser.add_argument("--test", type=int, default=0, help="test records after those")
     parser.add_argument("--name", default=None, help="default: the config's name")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "convergence")
     parser.add_argument("--checkpoint", action="store_true", help="save seed<S>.ckpt at the end")

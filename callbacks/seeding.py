@@ -6,10 +6,19 @@ from typing import Any
 
 import lightning as L
 import torch
-from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveInt
+from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 
 from dti_sprites.optim import reset_optimizer_state
-from dti_sprites.seeding import centre_crops, kmeans_masks, layer_crops, refit_masks, split_merge
+from dti_sprites.seeding import (
+    centre_crops,
+    invariant_kmeans,
+    invariant_refit,
+    kmeans_masks,
+    layer_crops,
+    normalise_crops,
+    refit_masks,
+    split_merge,
+)
 
 
 class SpriteSeeding(L.Callback):
@@ -46,6 +55,17 @@ class SpriteSeeding(L.Callback):
             centred sprites.
         split_merge_moves: most split-merge moves after each k-means or refit (0: none).
         seed: k-means++ seed.
+        normalise_scale: before each k-means, scale every crop to one size (the median radius
+            of gyration; :func:`dti_sprites.seeding.normalise_crops`), so that the clusters
+            are shapes rather than sizes.
+        rotations: with n > 0, the k-means and the refits are invariant to rotation: a crop's
+            distance to a mask is the smallest over n rotations of the mask (a full turn) and
+            a mask is the mean of its crops rotated into its frame
+            (:func:`dti_sprites.seeding.invariant_kmeans`, ``invariant_refit``); 0: plain.
+        refit_scales: with ``rotations``, the refits also try these scales of each mask.
+        isolated_only: use only the crops of objects that touch no other object and lie
+            whole inside the canvas (:func:`dti_sprites.seeding.layer_crops`): in crowded
+            scenes most layers show an occluded or merged shape.
     """
 
     def __init__(
@@ -61,6 +81,10 @@ class SpriteSeeding(L.Callback):
         reseed_at: list[PositiveInt] | None = None,
         background_tolerance: NonNegativeFloat | None = None,
         split_merge_moves: NonNegativeInt = 0,
+        normalise_scale: bool = False,
+        rotations: NonNegativeInt = 0,
+        refit_scales: list[PositiveFloat] | None = None,
+        isolated_only: bool = False,
     ) -> None:
         if refit_every and collect_steps > refit_every:
             raise ValueError(
@@ -80,6 +104,9 @@ class SpriteSeeding(L.Callback):
         self.min_pixels, self.min_count, self.seed = int(min_pixels), int(min_count), int(seed)
         self.centre = bool(centre)
         self.split_merge_moves = int(split_merge_moves)
+        self.normalise_scale, self.rotations = bool(normalise_scale), int(rotations)
+        self.refit_scales = tuple(float(f) for f in refit_scales or [1.0])
+        self.isolated_only = bool(isolated_only)
         self.background_tolerance = (
             None if background_tolerance is None else float(background_tolerance)
         )
@@ -106,7 +133,11 @@ class SpriteSeeding(L.Callback):
             return
         if trainer.is_global_zero:
             crops, choices = layer_crops(
-                pl_module.model, batch["image"], self.min_pixels, self.background_tolerance
+                pl_module.model,
+                batch["image"],
+                self.min_pixels,
+                self.background_tolerance,
+                self.isolated_only,
             )
             self.crops.append(crops.cpu())
             self.choices.append(choices.cpu())
@@ -122,19 +153,32 @@ class SpriteSeeding(L.Callback):
         event: dict[str, Any] = {"step": step, "kind": kind}
         if trainer.is_global_zero:
             crops, choices = torch.cat(self.crops), torch.cat(self.choices)
+            size = tuple(masks.shape[-2:])
             if self.centre:
-                crops = centre_crops(crops, masks.shape[-2:])
+                crops = centre_crops(crops, size)
             event["crops"] = len(crops)
             seed = self.seed + len(self.events)
-            if kind != "refit":
+            assignment = None if kind != "refit" else choices
+            if kind != "refit" and self.normalise_scale:
+                crops, event["radius"] = normalise_crops(crops, size)
+            if kind != "refit" and self.rotations:
+                new, assignment, crops = invariant_kmeans(
+                    crops, k0, size, self.rotations, seed=seed
+                )
+                new = new.to(masks)
+            elif kind != "refit":
                 new = kmeans_masks(crops, k0, seed).to(new)
             else:
-                means, counts = refit_masks(crops, choices, k0)
+                if self.rotations:
+                    means, counts, crops = invariant_refit(
+                        crops, choices, new.to(crops), size, self.rotations, self.refit_scales
+                    )
+                else:
+                    means, counts = refit_masks(crops, choices, k0)
                 refit = counts >= self.min_count
                 new[refit] = means[refit].to(new)
                 event["refit"] = int(refit.sum())
             if self.split_merge_moves:
-                assignment = None if kind != "refit" else choices
                 centres, moves = split_merge(crops, new, assignment, self.split_merge_moves, seed)
                 new = centres.to(new).clamp(0, 1)
                 event["moves"] = moves

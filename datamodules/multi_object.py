@@ -13,7 +13,10 @@ Splits (record indices of the file, N records, ``T = train_size``, ``H = heldout
 - ``train``    records ``[0, T)``: the paper protocol (first 60,000; CLEVR6: the 34,963 scenes
                of the first 70,000 records with at most 6 objects).
 - ``paper320`` records ``[0, paper_eval_size)``: inside the training set, as in the paper.
-- ``heldout``  up to ``H`` records right after the training range, ``[T, min(N, T + H))``.
+- ``heldout``  up to ``H`` records right after the training range, ``[T, min(N, T + H))``;
+               with ``heldout_offset = O``, ``[T + O, min(N, T + O + H))``: a validation
+               range ``O = 0`` to choose settings on and a test range ``O = H`` after it that
+               no choice has seen (``benchmarks/convergence.py --test``).
 
 The paper protocol wins whenever the file can hold it (``N >= T``): training is exactly the
 first ``T`` records and ``heldout`` is whatever follows, possibly nothing; the standard CLEVR6
@@ -72,16 +75,28 @@ class Splits:
     shrunk: bool  # the training split is smaller than requested (file too small)
 
 
-def plan_splits(n_records: int, train_size: int, paper_eval_size: int, heldout_size: int) -> Splits:
+def plan_splits(
+    n_records: int,
+    train_size: int,
+    paper_eval_size: int,
+    heldout_size: int,
+    heldout_offset: int = 0,
+) -> Splits:
     """The split rule of the module docstring, for a file of ``n_records`` records."""
-    if min(train_size, paper_eval_size, heldout_size) < 0 or train_size == 0:
+    if min(train_size, paper_eval_size, heldout_size, heldout_offset) < 0 or train_size == 0:
         raise ValueError(
-            f"train_size must be > 0 and paper_eval_size, heldout_size >= 0 (got {train_size}, "
-            f"{paper_eval_size}, {heldout_size})"
+            f"train_size must be > 0 and paper_eval_size, heldout_size, heldout_offset >= 0 "
+            f"(got {train_size}, {paper_eval_size}, {heldout_size}, {heldout_offset})"
         )
     if n_records >= train_size:
         train = range(train_size)
-        heldout = range(train_size, min(n_records, train_size + heldout_size))
+        start = min(n_records, train_size + heldout_offset)
+        heldout = range(start, min(n_records, start + heldout_size))
+    elif heldout_offset:
+        raise ValueError(
+            f"heldout_offset={heldout_offset} needs a file that holds the training range: it "
+            f"has {n_records} records for train_size={train_size}"
+        )
     else:
         n_heldout = min(heldout_size, n_records // 5)
         train = range(n_records - n_heldout)
@@ -112,6 +127,9 @@ class MultiObjectDataModule(DTIDataModule):
             paper's, 60,000; CLEVR6 34,963).
         paper_eval_size: records ``[0, paper_eval_size)`` are the ``paper320`` protocol.
         heldout_size: up to this many records after the training range are ``heldout``.
+        heldout_offset: the ``heldout`` records start this many records after the training
+            range (0: right after it; ``heldout_size``: the test range after a validation
+            range of that size).
         in_memory: read each split into uint8 numpy arrays at ``setup``.
         download: in ``prepare_data``, when ``path`` is missing, fetch the public TFRecord
             next to it and convert it (``download_base_url`` + docs/method.md §8 path).
@@ -134,6 +152,7 @@ class MultiObjectDataModule(DTIDataModule):
         train_size: int | None = None,
         paper_eval_size: int = 320,
         heldout_size: int = 2000,
+        heldout_offset: int = 0,
         in_memory: bool = False,
         download: bool = False,
         generate: int = 0,
@@ -158,13 +177,14 @@ class MultiObjectDataModule(DTIDataModule):
                 f"batch_size must be >= 1, num_workers and generate >= 0 (got {batch_size}, "
                 f"{num_workers}, {generate})"
             )
-        plan_splits(train_size, train_size, paper_eval_size, heldout_size)  # checks the sizes
+        plan_splits(train_size, train_size, paper_eval_size, heldout_size, heldout_offset)  # checks
         self.path = Path("data") / info.h5_name(self.variant) if path is None else Path(path)
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.train_size = train_size
         self.paper_eval_size = paper_eval_size
         self.heldout_size = heldout_size
+        self.heldout_offset = heldout_offset
         self.in_memory = in_memory
         self.download = download
         self.generate = generate
@@ -246,7 +266,9 @@ class MultiObjectDataModule(DTIDataModule):
                 self.variant,
                 self.num_semantic_classes,
             )["image"][0]
-            self.splits = plan_splits(n, self.train_size, self.paper_eval_size, self.heldout_size)
+            self.splits = plan_splits(
+                n, self.train_size, self.paper_eval_size, self.heldout_size, self.heldout_offset
+            )
             if len(self.splits.heldout) == 0:
                 self.eval_protocols = ("paper320",)
             if not self._warned:

@@ -321,20 +321,26 @@ class DTISprites(nn.Module):
         return pairs
 
     def to_canvas(self, stacks: Tensor, params: dict[str, Tensor]) -> Tensor:
-        """Image-space stacks of each layer back into the sprite canvas (the inverse warp).
+        """Image-space stacks of each layer back into its sprite's own frame (the inverse warp).
 
         stacks (B, L, C', H, W), e.g. the input image or a layer's support repeated per layer;
-        params: a :class:`Decomposition`'s ``params`` (its ``layer/*`` entries, (B, L, P)).
-        Returns (B, L, C', h, w): what each layer's transformation would have to draw there.
-        Undoes the geometry of the layer transformations only (see
-        ``TransformSequence.inverse``); sprite transformations and colour are not undone.
+        params: a :class:`Decomposition`'s ``params`` (its ``layer/*`` and ``sprite/*``
+        entries, (B, L, P): those of the selected sprite). Returns (B, L, C', h, w): what the
+        selected sprite would have to draw there. Undoes the geometry of the layer
+        transformation, then that of the sprite transformation (where active), both through
+        ``TransformSequence.inverse``; colour is not undone.
         """
         b, n_layers = stacks.shape[:2]
-        layer_p = [params.get(f"layer/{name}") for name in self.layer_transforms.names]
-        layer_p = [None if p is None else p.reshape(b * n_layers, -1) for p in layer_p]
-        flat = stacks.reshape(b * n_layers, 1, *stacks.shape[2:])  # (B·L, 1, C', H, W)
-        canvas = self.layer_transforms.inverse(flat, layer_p)  # (B·L, 1, C', h, w)
-        return canvas.view(b, n_layers, *canvas.shape[2:])  # (B, L, C', h, w)
+
+        def flat(group: str, sequence: TransformSequence) -> list[Tensor | None]:
+            found = [params.get(f"{group}/{name}") for name in sequence.names]
+            return [None if p is None else p.reshape(b * n_layers, -1) for p in found]
+
+        x = stacks.reshape(b * n_layers, 1, *stacks.shape[2:])  # (B·L, 1, C', H, W)
+        x = self.layer_transforms.inverse(x, flat("layer", self.layer_transforms))
+        if len(self.sprite_transforms):  # (B·L, 1, C', h, w) canvas -> sprite frame
+            x = self.sprite_transforms.inverse(x, flat("sprite", self.sprite_transforms))
+        return x.view(b, n_layers, *x.shape[2:])  # (B, L, C', h, w)
 
     # ------------------------------------------------------------------------------ forward
     @property

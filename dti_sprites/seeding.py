@@ -5,17 +5,73 @@ taken back through its own warp (:meth:`DTISprites.to_canvas`), show the shape i
 sprite coordinates. Clustering many such crops (k-means) gives K0 masks at once, and averaging
 the crops of the layers that chose each sprite refits the masks in closed form (a Lloyd step).
 Split-merge moves take the clustering out of the local optima that Lloyd steps stop in.
+Objects that appear at any rotation and size (Multi-dSprites) need crops normalised for scale
+and a clustering that is invariant to rotation: :func:`normalise_crops` and
+:func:`invariant_kmeans`, the method's own idea (DTI) applied to the crops.
 See ``docs/method.md``, "Fast recipe". Plain PyTorch and SciPy; a callback decides when.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
+import torch.nn.functional as F
+from scipy import ndimage
 from scipy.cluster.vq import kmeans2
 from torch import Tensor
 
-from dti_sprites.model import DTISprites
+from dti_sprites.model import Decomposition, DTISprites
+
+
+@torch.no_grad()
+def layer_supports(
+    model: DTISprites, image: Tensor, background_tolerance: float | None = None
+) -> tuple[Tensor, Decomposition]:
+    """The pixels each layer explains: its support (B, L, H, W) in {0, 1}, and the
+    decomposition it comes from (the model in evaluation mode: no mask noise).
+
+    A layer's support is the pixels that ``instance_fg`` gives it and that its colour explains
+    better than the background does. With ``background_tolerance`` τ, its pixels that the
+    background does not explain (squared RGB distance above τ) count too: shaded piece edges
+    that a black background fits about as well as the layer's flat colour, which the masks
+    would otherwise lose (docs/method.md §11). image (B, C, H, W) in [0, 1].
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(image)
+    finally:
+        model.train(was_training)
+    labels = out.instance_fg(image)  # (B, H, W) in 1..L
+    layer_ids = torch.arange(1, model.n_layers + 1, device=image.device)
+    own = labels[:, None] == layer_ids[None, :, None, None]  # (B, L, H, W)
+    layer_err = (out.layers[:, :, :-1] - image[:, None]).pow(2).sum(2)  # (B, L, H, W)
+    background_err = (out.background - image).pow(2).sum(1)[:, None]  # (B, 1, H, W)
+    explained = layer_err < background_err  # (B, L, H, W)
+    if background_tolerance is not None:
+        explained = explained | (background_err > background_tolerance)
+    return (own & explained).to(image.dtype), out
+
+
+def isolated_layers(
+    support: Tensor, out: Decomposition, image: Tensor, tolerance: float = 0.01, ring: int = 1
+) -> Tensor:
+    """Which layer instances show an object that touches no other: (B, L) bool.
+
+    The ``ring`` pixels around a layer's support (a max-pooling dilation) must all be
+    background: their squared RGB distance to the decomposition's background is at most
+    ``tolerance``. Such an object is neither occluded nor merged with a neighbour, so its
+    support is its whole shape; in crowded scenes (Multi-dSprites) most supports are not.
+    support (B, L, H, W) from :func:`layer_supports`, image (B, C, H, W).
+    """
+    size = 2 * ring + 1
+    grown = F.max_pool2d(support, size, stride=1, padding=ring)  # (B, L, H, W)
+    border = (grown - support) > 0  # (B, L, H, W)
+    foreground = (out.background - image).pow(2).sum(1)[:, None] > tolerance  # (B, 1, H, W)
+    touching = (border & foreground).flatten(2).any(2)  # (B, L)
+    return ~touching & (support.flatten(2).sum(2) > 0)
 
 
 @torch.no_grad()
@@ -24,38 +80,48 @@ def layer_crops(
     image: Tensor,
     min_pixels: int = 4,
     background_tolerance: float | None = None,
+    isolated_only: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """The support of every layer instance, in sprite-canvas coordinates.
+    """The support of every layer instance (:func:`layer_supports`), in the frame of the sprite
+    it chose: taken back through the layer's and the sprite's own transformations.
 
-    A layer's support is the pixels that ``instance_fg`` gives it and that its colour explains
-    better than the background does. With ``background_tolerance`` τ, its pixels that the
-    background does not explain (squared RGB distance above τ) count too: shaded piece edges
-    that a black background fits about as well as the layer's flat colour, which the masks
-    would otherwise lose (docs/method.md §11). The model runs in evaluation mode (no mask noise).
-
+    With ``isolated_only``, only the layers whose object touches no other
+    (:func:`isolated_layers`) and whose crop is one whole piece inside the canvas
+    (:func:`whole_crops`): the shapes themselves, not occluded or merged ones.
     image (B, C, H, W) in [0, 1]. Returns crops (N, h·w) in [0, 1] and the sprite each of those
     layers chose (N,) int64, for the N = at most B·L layers with a non-empty sprite and at least
     ``min_pixels`` support pixels.
     """
-    was_training = model.training
-    model.eval()
-    try:
-        out = model(image)
-    finally:
-        model.train(was_training)
-    n_layers = model.n_layers
-    labels = out.instance_fg(image)  # (B, H, W) in 1..L
-    layer_ids = torch.arange(1, n_layers + 1, device=image.device)
-    own = labels[:, None] == layer_ids[None, :, None, None]  # (B, L, H, W)
-    layer_err = (out.layers[:, :, :-1] - image[:, None]).pow(2).sum(2)  # (B, L, H, W)
-    background_err = (out.background - image).pow(2).sum(1)[:, None]  # (B, 1, H, W)
-    explained = layer_err < background_err  # (B, L, H, W)
-    if background_tolerance is not None:
-        explained = explained | (background_err > background_tolerance)
-    support = (own & explained).to(image.dtype)  # (B, L, H, W)
+    support, out = layer_supports(model, image, background_tolerance)  # (B, L, H, W)
     crops = model.to_canvas(support[:, :, None], out.params).clamp(0, 1)  # (B, L, 1, h, w)
     keep = (support.flatten(2).sum(2) >= min_pixels) & (out.sprite_choice >= 0)  # (B, L)
-    return crops.flatten(2)[keep], out.sprite_choice[keep]  # (N, h·w), (N,)
+    if isolated_only:
+        keep &= isolated_layers(support, out, image)
+    crops, choices = crops.flatten(2)[keep], out.sprite_choice[keep]  # (N, h·w), (N,)
+    if isolated_only:
+        whole = whole_crops(crops, tuple(model.sprites.mask.shape[-2:]))
+        crops, choices = crops[whole], choices[whole]
+    return crops, choices
+
+
+def whole_crops(crops: Tensor, size: tuple[int, int], min_share: float = 0.9) -> Tensor:
+    """Which crops show one whole object: (N,) bool.
+
+    A crop is kept when its largest connected piece (pixels above 0.5, 4-connected) holds at
+    least ``min_share`` of its pixels above 0.5, and none of them lies on the canvas border.
+    The others are layers that cover two objects, a fragment, or an object that the canvas
+    cuts off: their shape is not a sprite's. crops (N, h·w).
+    """
+    binary = (crops > 0.5).view(-1, *size).cpu().numpy()  # (N, h, w)
+    keep = np.zeros(len(binary), dtype=bool)
+    for i, mask in enumerate(binary):
+        total = mask.sum()
+        if total == 0 or mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any():
+            continue
+        labels, n = ndimage.label(mask)
+        largest = np.bincount(labels.ravel())[1:].max() if n else 0
+        keep[i] = largest >= min_share * total
+    return torch.from_numpy(keep).to(crops.device)
 
 
 def centre_crops(crops: Tensor, size: tuple[int, int]) -> Tensor:
@@ -206,3 +272,183 @@ def _lloyd(x: Tensor, centres: Tensor, label: Tensor, steps: int = 30) -> tuple[
             break
         label = new
     return centres, label
+
+
+def _moments(crops: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Mass (N,), centre of mass cx, cy (N,) and radius of gyration (N,), in pixels."""
+    h, w = size
+    c = crops.view(-1, h, w)  # (N, h, w)
+    ys = torch.arange(h, dtype=crops.dtype, device=crops.device)
+    xs = torch.arange(w, dtype=crops.dtype, device=crops.device)
+    mass = c.sum((1, 2)).clamp(min=1e-12)  # (N,)
+    cy = (c.sum(2) * ys).sum(1) / mass  # (N,)
+    cx = (c.sum(1) * xs).sum(1) / mass  # (N,)
+    var_y = (c.sum(2) * (ys[None] - cy[:, None]).pow(2)).sum(1) / mass  # (N,)
+    var_x = (c.sum(1) * (xs[None] - cx[:, None]).pow(2)).sum(1) / mass  # (N,)
+    return mass, cx, cy, (var_x + var_y).sqrt()
+
+
+def warp_crops(
+    crops: Tensor,
+    size: tuple[int, int],
+    angle: Tensor,
+    scale: Tensor,
+    shift: Tensor | None = None,
+) -> Tensor:
+    """Rotate and scale each crop about the canvas centre (bilinear, zeros outside).
+
+    crops (N, h·w) with h = w; angle (N,) in radians, scale (N,) > 0, shift (N, 2) in pixels
+    (x, y) or None. out(p) = crop(c + shift + scale · R(angle) · (p − c)) with c the canvas
+    centre: the crop's content turns by −angle and shrinks by 1 / scale; the content at
+    c + shift moves to c. Returns (N, h·w).
+    """
+    h, w = size
+    if h != w:
+        raise ValueError(f"warp_crops needs a square canvas, got {h}×{w}")
+    cos, sin = angle.cos() * scale, angle.sin() * scale  # (N,)
+    zero = torch.zeros_like(cos)
+    tx, ty = (zero, zero) if shift is None else (shift[:, 0] * 2 / w, shift[:, 1] * 2 / h)
+    theta = torch.stack([cos, -sin, tx, sin, cos, ty], 1).view(-1, 2, 3)  # (N, 2, 3)
+    grid = F.affine_grid(theta.to(crops.dtype), [len(crops), 1, h, w], align_corners=False)
+    out = F.grid_sample(crops.view(-1, 1, h, w), grid, align_corners=False)  # (N, 1, h, w)
+    return out.flatten(1)
+
+
+def normalise_crops(
+    crops: Tensor, size: tuple[int, int], radius: float | None = None
+) -> tuple[Tensor, float]:
+    """Move each crop's centre of mass to the canvas centre and scale it to one size.
+
+    The size of a shape is its radius of gyration (the square root of its second central
+    moment, in pixels), which grows in proportion to the shape: after this, the same shape
+    drawn at any scale gives about the same crop. crops (N, h·w); radius: the common radius,
+    default the median of the crops'. Returns the crops (N, h·w) (sub-pixel, bilinear) and the
+    radius used.
+    """
+    _, cx, cy, r = _moments(crops, size)
+    if radius is None:
+        radius = float(r.median())
+    h, w = size
+    shift = torch.stack([cx - (w - 1) / 2, cy - (h - 1) / 2], 1)  # (N, 2)
+    scale = r.clamp(min=1e-6) / radius
+    angle = torch.zeros_like(scale)
+    return warp_crops(crops, size, angle, scale, shift).clamp(0, 1), radius
+
+
+def _transform_grid(
+    rotations: int, scales: tuple[float, ...], like: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Every (angle, scale) of a grid of ``rotations`` angles × ``scales``: (T,), (T,)."""
+    angles = torch.arange(rotations, dtype=like.dtype, device=like.device) * (
+        2 * math.pi / rotations
+    )
+    factors = torch.tensor(scales, dtype=like.dtype, device=like.device)
+    return angles.repeat_interleave(len(factors)), factors.repeat(rotations)  # (T,), (T,)
+
+
+def invariant_assign(
+    crops: Tensor,
+    centres: Tensor,
+    size: tuple[int, int],
+    rotations: int,
+    scales: tuple[float, ...] = (1.0,),
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The best transformation of every centre for every crop, over a grid.
+
+    Each centre (K, h·w) is rotated by each of ``rotations`` angles over a full turn and scaled
+    by each factor of ``scales`` (T = rotations · len(scales) versions); crops (N, h·w).
+    Returns the squared distance (N, K) of each crop to each centre's best version, the index
+    (N, K) in [0, T) of that version, and the grid's angles and scales as a (T, 2) tensor.
+    """
+    angle, scale = _transform_grid(rotations, scales, crops)  # (T,), (T,)
+    k, n_t = len(centres), len(angle)
+    versions = warp_crops(
+        centres.repeat_interleave(n_t, 0), size, angle.repeat(k), scale.repeat(k)
+    )  # (K·T, h·w)
+    dist = _sq_distances(crops, versions).view(len(crops), k, n_t)  # (N, K, T)
+    best, index = dist.min(2)  # (N, K), (N, K)
+    return best, index, torch.stack([angle, scale], 1)
+
+
+def align_crops(crops: Tensor, size: tuple[int, int], transform: Tensor) -> Tensor:
+    """Each crop taken into the frame of the centre it matched: the inverse of its version.
+
+    crops (N, h·w), transform (N, 2): the (angle, scale) of the centre's version that the crop
+    matched (:func:`invariant_assign`), i.e. crop ≈ centre seen through that transformation.
+    Returns (N, h·w), each ≈ its centre.
+    """
+    return warp_crops(crops, size, -transform[:, 0], 1 / transform[:, 1])
+
+
+def invariant_refit(
+    crops: Tensor,
+    choices: Tensor,
+    masks: Tensor,
+    size: tuple[int, int],
+    rotations: int,
+    scales: tuple[float, ...] = (1.0,),
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`refit_masks` through the best transformation: each crop is aligned with the
+    current mask of the sprite its layer chose before the means are taken.
+
+    crops (N, h·w), choices (N,) in [0, K), masks (K, h·w). Returns the means (K, h·w) (zeros
+    where unused), the counts (K,) and the aligned crops (N, h·w).
+    """
+    _, index, grid = invariant_assign(crops, masks, size, rotations, scales)  # (N, K)
+    chosen = index.gather(1, choices[:, None])[:, 0]  # (N,)
+    aligned = align_crops(crops, size, grid[chosen]).clamp(0, 1)  # (N, h·w)
+    means, counts = refit_masks(aligned, choices, len(masks))
+    return means, counts, aligned
+
+
+def invariant_kmeans(
+    crops: Tensor,
+    k: int,
+    size: tuple[int, int],
+    rotations: int,
+    scales: tuple[float, ...] = (1.0,),
+    restarts: int = 4,
+    steps: int = 20,
+    seed: int = 0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Transformation-invariant k-means: k-means where a crop's distance to a centre is the
+    smallest over the centre's rotations × scales, and a centre is the mean of its crops taken
+    back into its own frame (DTI clustering, over the crops).
+
+    The start is k-means++ with that distance; the best of ``restarts`` runs (lowest sum of
+    squared distances) is kept, each run at most ``steps`` assign-update steps. crops (N, h·w),
+    ``rotations`` angles over a full turn. Fewer than k crops is an error. Returns the centres
+    (k, h·w) in [0, 1], the cluster of every crop (N,) and the crops aligned with their
+    centres (N, h·w).
+    """
+    if len(crops) < k:
+        raise ValueError(f"sprite seeding: {len(crops)} layer crops for {k} sprites; need >= {k}")
+    x = crops.double()
+    generator = torch.Generator().manual_seed(seed)
+    best: tuple[float, Tensor, Tensor, Tensor] | None = None
+    for _ in range(restarts):
+        first = int(torch.randint(len(x), (1,), generator=generator))
+        centres = x[first : first + 1]
+        while len(centres) < k:  # k-means++: the next centre far from those taken
+            dist, _, _ = invariant_assign(x, centres, size, rotations, scales)
+            weight = dist.min(1).values.clamp(min=0)
+            pick = int(torch.multinomial(weight.cpu() + 1e-12, 1, generator=generator))
+            centres = torch.cat([centres, x[pick : pick + 1]])
+        label = None
+        for _ in range(steps):
+            dist, index, grid = invariant_assign(x, centres, size, rotations, scales)
+            new = dist.argmin(1)  # (N,)
+            aligned = align_crops(x, size, grid[index.gather(1, new[:, None])[:, 0]])
+            centres = _means(aligned, new, centres)
+            if label is not None and torch.equal(new, label):
+                break
+            label = new
+        dist, index, grid = invariant_assign(x, centres, size, rotations, scales)
+        label = dist.argmin(1)
+        aligned = align_crops(x, size, grid[index.gather(1, label[:, None])[:, 0]])
+        sse = float(dist.gather(1, label[:, None]).sum())
+        if best is None or sse < best[0]:
+            best = (sse, centres, label, aligned)
+    assert best is not None
+    _, centres, label, aligned = best
+    return centres.to(crops).clamp(0, 1), label, aligned.to(crops)

@@ -61,9 +61,28 @@ def test_curriculum_switches_modules_on_at_milestones(tmp_path, squares):
     module, seen = fit(tmp_path, squares, [curriculum])
     assert [s["sprite_active"] for s in seen] == [0, 0, 1]
     assert curriculum.state_dict()["n_active"]["sprite"] == 1
-    assert Curriculum(layer=[3, 5]).stage(n_modules=3, milestones=[3, 5], epoch=4) == 2
+    assert Curriculum(layer=[3, 5]).stage(n_modules=3, milestones=[3, 5], time=4) == 2
     with pytest.raises(ValueError, match=r"Curriculum\.background"):
         Curriculum(background=[1, 2]).apply(module, 0)
+
+
+class StepProbe(L.Callback):
+    """The sprite sequence's active modules at every training step (after the others)."""
+
+    def __init__(self):
+        self.active = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.active.append(int(pl_module.model.sprite_transforms.n_active))
+
+
+def test_curriculum_in_steps_switches_on_mid_epoch(tmp_path, squares):
+    # 3 epochs of 2 steps; milestone 3: the 4th step (the second of epoch 1) has the module.
+    probe = StepProbe()
+    fit(tmp_path, squares, [Curriculum(sprite=[3], interval="step"), probe])
+    assert probe.active == [0, 0, 0, 1, 1, 1]
+    with pytest.raises(ValueError, match="interval"):
+        Curriculum(sprite=[3], interval="steps")
 
 
 def test_freeze_keeps_sprites_fixed_for_the_first_epochs(tmp_path, squares):

@@ -239,3 +239,44 @@ def test_callback_records_split_merge_moves(tmp_path):
     assert [(e["kind"], e["moves"]) for e in seeding.events] == [("seed", []), ("refit", [])]
     masks = model.sprites.mask.detach().flatten(1)
     torch.testing.assert_close(masks, PIECE.flatten().expand(3, -1), atol=1e-6, rtol=0)
+
+
+class TurnedPieceData(DTIDataModule):
+    """Batches of 4: the piece at two right angles alone, and twice touching a dark frame."""
+
+    image_size = (20, 20)
+
+    def train_dataloader(self) -> DataLoader:
+        images = torch.zeros(16, 3, 20, 20)
+        for i in range(16):
+            turned = torch.rot90(PIECE, i % 4, (0, 1))
+            images[i, :, 5:15, 5:15] = 0.9 * turned
+            if i % 4 >= 2:  # another object right against the piece: a dark ring around it
+                ring = torch.nn.functional.max_pool2d(turned[None], 3, 1, 1)[0] - turned
+                images[i, :, 5:15, 5:15] += 0.2 * ring
+        order = [0, 1, 2, 3, 6, 7, 4, 5, 8, 9, 10, 11, 12, 13, 14, 15]  # alone: 0, 1 then 6, 7
+        return DataLoader([{"image": images[i]} for i in order], batch_size=4)
+
+
+def test_invariant_seeding_through_the_callback_uses_isolated_crops_in_their_own_frame(tmp_path):
+    model = opaque_model()
+    seeding = SpriteSeeding(
+        at_step=2, collect_steps=2, centre=False, rotations=4, isolated_only=True, min_count=1
+    )
+    trainer = L.Trainer(
+        default_root_dir=tmp_path,
+        max_steps=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        callbacks=[seeding],
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(DTISpritesModule(model, lr=1e-9), TurnedPieceData())
+    # Only the 4 pieces that touch nothing are used: one at each right angle.
+    assert seeding.events[0]["crops"] == 4
+    turns = torch.stack([torch.rot90(PIECE, k, (0, 1)).flatten() for k in range(4)])
+    for mask in model.sprites.mask.detach().flatten(1):  # every mask is the piece, turned
+        assert (mask - turns).abs().max(1).values.min() < 1e-5

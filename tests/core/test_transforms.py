@@ -177,6 +177,35 @@ def test_to_canvas_of_a_known_translation_and_scale_returns_the_crop():
     torch.testing.assert_close(canvas[0, 1], blocks)
 
 
+def test_to_canvas_also_undoes_the_selected_sprites_own_transformation():
+    # As above, with a sprite similarity of a quarter turn (1 + a = 0, b = 1): the canvas shows
+    # the sprite turned, and to_canvas returns the sprite itself, in its own frame.
+    model = DTISprites(
+        image_size=20,
+        n_sprites=2,
+        n_layers=1,
+        sprite_size=5,
+        layer_transforms=["color", "position"],
+        sprite_transforms=["similarity"],
+    )
+    torch.manual_seed(0)
+    sprite = torch.rand(3, 5, 5)
+    turned = torch.rot90(sprite, 1, (1, 2))  # what the similarity draws on the canvas
+    image = torch.zeros(3, 20, 20)
+    image[:, 3:13, 6:16] = turned.repeat_interleave(2, 1).repeat_interleave(2, 2)
+    params = {
+        "layer/position": torch.tensor([[[0.0, 1 - 6 / 5, 1 - 3 / 5]]]),  # (B=1, L=1, 3)
+        "sprite/similarity": torch.tensor([[[-1.0, 1.0, 0.0, 0.0]]]),  # (B, L, 4)
+    }
+    rendered = model.sprite_transforms(sprite[None, None], [params["sprite/similarity"][0]])
+    torch.testing.assert_close(rendered[0, 0], turned)
+    canvas = model.to_canvas(image[None, None], params)  # (1, 1, 3, 5, 5)
+    torch.testing.assert_close(canvas[0, 0], sprite)
+    # without the sprite's parameters (the module inactive) only the layer's warp is undone
+    canvas = model.to_canvas(image[None, None], {"layer/position": params["layer/position"]})
+    torch.testing.assert_close(canvas[0, 0], turned)
+
+
 def test_inverse_undoes_a_similarity_warp():
     # Forward with a rotation + scale + shift, then inverse: a smooth blob comes back (up to
     # the blur of two bilinear resamplings); without the inverse it would be far off.

@@ -98,6 +98,17 @@ def test_heldout_is_truncated_when_few_records_follow_training() -> None:
     assert (s.train, s.heldout, s.shrunk) == (range(60_000), range(60_000, 61_000), False)
 
 
+def test_heldout_offset_gives_a_test_range_after_the_validation_range() -> None:
+    validation = plan_splits(21_000, 20_000, 320, 500)
+    test = plan_splits(21_000, 20_000, 320, 500, heldout_offset=500)
+    assert validation.train == test.train == range(20_000)
+    assert (validation.heldout, test.heldout) == (range(20_000, 20_500), range(20_500, 21_000))
+    assert plan_splits(20_700, 20_000, 320, 500, 500).heldout == range(20_500, 20_700)
+    assert plan_splits(20_300, 20_000, 320, 500, 500).heldout == range(20_300, 20_300)
+    with pytest.raises(ValueError, match="heldout_offset=5 needs a file that holds"):
+        plan_splits(100, 200, 8, 10, heldout_offset=5)
+
+
 def test_file_of_exactly_the_training_set_keeps_the_paper_protocol() -> None:
     """The standard CLEVR6 file (34,963 filtered scenes): all of it trains, no held-out."""
     s = plan_splits(34_963, 34_963, 320, 2000)
