@@ -20,6 +20,7 @@ from dti_sprites.metrics import (
 )
 from dti_sprites.model import Decomposition, DTISprites
 from dti_sprites.optim import Adam
+from dti_sprites.ranks import gather_ranks, pick_rank, rng_state, set_rng_state
 
 
 def usage_counts(sprite_choice: Tensor, n_sprites: int) -> Tensor:
@@ -84,7 +85,8 @@ class DTISpritesModule(L.LightningModule):
         # baseline and reads the difference (see usage_since).
         usage = torch.zeros(model.n_layers, model.sprites.n_sprites + 1, dtype=torch.long)
         self.register_buffer("usage", usage)  # (L, K0 + 1), in checkpoints
-        self._epoch_usage = usage.clone()
+        self._epoch_usage = usage.clone()  # usage at the start of the epoch, this process
+        self._rng_to_restore: dict[str, Any] | None = None  # from a checkpoint, see on_train_start
         self.metrics = torch.nn.ModuleDict()  # MetricCollections, built in setup()
 
     # ------------------------------------------------------------------------------- setup
@@ -106,18 +108,24 @@ class DTISpritesModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["dti_sprites_model"] = self.model.config  # see DTISprites.from_checkpoint
-        # Random state (mask noise, shuffling), so that a resumed run continues exactly.
-        checkpoint["rng_state"] = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            checkpoint["rng_state"]["cuda"] = torch.cuda.get_rng_state_all()
+        # Each process's random state (mask noise) and epoch baseline of the usage counter, so
+        # that a resumed run continues exactly (dti_sprites.ranks: gathered from every process).
+        checkpoint["rng_state"] = gather_ranks(rng_state())
+        checkpoint["epoch_usage"] = gather_ranks(self._epoch_usage.cpu())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The random state is set when training starts (on_train_start), after everything that
+        # a resumed run does before it and the interrupted run did not (sanity check, loaders).
         state = checkpoint.get("rng_state")
-        if state is None:
-            return
-        torch.set_rng_state(state["torch"])
-        if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
+        self._rng_to_restore = None if state is None else pick_rank(state, "rng_state")
+        if "epoch_usage" in checkpoint:
+            self._epoch_usage = pick_rank(checkpoint["epoch_usage"], "epoch_usage").clone()
+
+    def on_train_start(self) -> None:
+        state = getattr(self, "_rng_to_restore", None)
+        self._rng_to_restore = None
+        if state is not None:
+            set_rng_state(state)
 
     # ---------------------------------------------------------------------------- training
     def forward(self, image: Tensor) -> Decomposition:
