@@ -117,6 +117,7 @@ class Preemption(L.Callback):
             step, saved, last = self._stopped
             if step == trainer.global_step and saved.is_file():
                 os.replace(saved, last)
+                os.utime(last)  # the newest "last" file: the one --ckpt_path=last takes
         self._stopped = None
 
     def on_exception(
@@ -163,10 +164,12 @@ class Preemption(L.Callback):
 
     @staticmethod
     def checkpoint_path(trainer: L.Trainer) -> Path:
-        """``last.ckpt`` of the first ``ModelCheckpoint`` (where ``--ckpt_path=last`` looks),
-        else ``<default_root_dir>/checkpoints/last.ckpt``."""
+        """The last checkpoint of the first ``ModelCheckpoint`` (``last.ckpt`` in its folder,
+        where ``--ckpt_path=last`` looks), else ``<default_root_dir>/checkpoints/last.ckpt``."""
         for callback in trainer.checkpoint_callbacks:
             if isinstance(callback, ModelCheckpoint) and callback.dirpath:
+                if callback.save_last and callback.last_model_path:
+                    return Path(callback.last_model_path)
                 name = callback.CHECKPOINT_NAME_LAST + callback.FILE_EXTENSION
                 return Path(callback.dirpath) / name
         return Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
