@@ -99,9 +99,8 @@ class Preemption(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # Last: the checkpoint holds what every other callback did at the step it stops after.
         # (Lightning orders the callbacks before setup, and not again.)
-        if self in trainer.callbacks:
-            trainer.callbacks.remove(self)
-            trainer.callbacks.append(self)
+        # A new list: the one Lightning is iterating to call this hook stays as it is.
+        trainer.callbacks = [c for c in trainer.callbacks if c is not self] + [self]
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # After Lightning registered its own handlers (Trainer._run), so these replace them.

@@ -86,7 +86,6 @@ class DTISpritesModule(L.LightningModule):
         usage = torch.zeros(model.n_layers, model.sprites.n_sprites + 1, dtype=torch.long)
         self.register_buffer("usage", usage)  # (L, K0 + 1), in checkpoints
         self._epoch_usage = usage.clone()  # usage at the start of the epoch, this process
-        self._rng_to_restore: dict[str, Any] | None = None  # from a checkpoint, see on_train_start
         self.metrics = torch.nn.ModuleDict()  # MetricCollections, built in setup()
 
     # ------------------------------------------------------------------------------- setup
@@ -114,18 +113,14 @@ class DTISpritesModule(L.LightningModule):
         checkpoint["epoch_usage"] = gather_ranks(self._epoch_usage.cpu())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # The random state is set when training starts (on_train_start), after everything that
-        # a resumed run does before it and the interrupted run did not (sanity check, loaders).
+        # Set at once: the training loaders draw nothing from the global random state, the
+        # sanity check runs isolated from it, and a plain DataLoader's draws at the next epoch
+        # start then come from the restored state, as in the interrupted run.
         state = checkpoint.get("rng_state")
-        self._rng_to_restore = None if state is None else pick_rank(state, "rng_state")
+        if state is not None:
+            set_rng_state(pick_rank(state, "rng_state"))
         if "epoch_usage" in checkpoint:
             self._epoch_usage = pick_rank(checkpoint["epoch_usage"], "epoch_usage").clone()
-
-    def on_train_start(self) -> None:
-        state = getattr(self, "_rng_to_restore", None)
-        self._rng_to_restore = None
-        if state is not None:
-            set_rng_state(state)
 
     # ---------------------------------------------------------------------------- training
     def forward(self, image: Tensor) -> Decomposition:
