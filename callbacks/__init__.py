@@ -7,6 +7,7 @@ from dti_sprites.callbacks.freeze import SpriteFreeze
 from dti_sprites.callbacks.layer_reset import LayerReset
 from dti_sprites.callbacks.lr_drops import LRDrops
 from dti_sprites.callbacks.predictions import PredictionWriter
+from dti_sprites.callbacks.preemption import Preempted, Preemption
 from dti_sprites.callbacks.reassignment import SpriteReassignment
 from dti_sprites.callbacks.run_dir import run_dir
 from dti_sprites.callbacks.seeding import SpriteSeeding
@@ -16,6 +17,8 @@ __all__ = [
     "LRDrops",
     "LayerReset",
     "PredictionWriter",
+    "Preempted",
+    "Preemption",
     "SpriteDashboard",
     "SpriteFreeze",
     "SpriteReassignment",

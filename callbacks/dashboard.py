@@ -191,6 +191,20 @@ class SpriteDashboard(L.Callback):
         self._last_step = -1
         self._logged_events = 0
 
+    def state_dict(self) -> dict[str, Any]:
+        """Where the last drawing left off (rank 0 draws; the checkpoint is rank 0's)."""
+        base = self._usage_base
+        return {
+            "usage_base": None if base is None else base.detach().cpu().clone(),
+            "last_step": self._last_step,
+            "logged_events": self._logged_events,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._usage_base = state_dict.get("usage_base")
+        self._last_step = int(state_dict.get("last_step", -1))
+        self._logged_events = int(state_dict.get("logged_events", 0))
+
     # ----------------------------------------------------------------------------- training
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         datamodule = trainer.datamodule

@@ -9,6 +9,7 @@ import torch
 from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
 
 from dti_sprites.optim import reset_optimizer_state
+from dti_sprites.ranks import gather_ranks, pick_rank
 
 
 class LayerReset(L.Callback):
@@ -60,13 +61,14 @@ class LayerReset(L.Callback):
         pl_module.log("train/layers_reset", float(len(dead)), reduce_fx="sum")
 
     def state_dict(self) -> dict[str, Any]:
+        mass = None if self.mass is None else self.mass.detach().cpu().clone()
         return {
-            "mass": None if self.mass is None else self.mass.clone(),
+            "mass": gather_ranks(mass),  # each process's own (see dti_sprites.ranks)
             "steps": self.steps,
             "events": list(self.events),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.mass = state_dict["mass"]
+        self.mass = pick_rank(state_dict["mass"], "LayerReset.mass")
         self.steps = state_dict["steps"]
         self.events = list(state_dict["events"])

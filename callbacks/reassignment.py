@@ -10,6 +10,7 @@ import torch
 from jsonargparse.typing import NonNegativeFloat, PositiveInt
 
 from dti_sprites.optim import copy_optimizer_state
+from dti_sprites.ranks import gather_ranks, pick_rank
 
 
 class SpriteReassignment(L.Callback):
@@ -81,13 +82,14 @@ class SpriteReassignment(L.Callback):
         return events
 
     def state_dict(self) -> dict[str, Any]:
+        base = None if self.base is None else self.base.detach().cpu().clone()
         return {
-            "base": None if self.base is None else self.base.clone(),
+            "base": gather_ranks(base),  # each process's own (see dti_sprites.ranks)
             "steps": self.steps,
             "events": list(self.events),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.base = state_dict["base"]
+        self.base = pick_rank(state_dict["base"], "SpriteReassignment.base")
         self.steps = state_dict["steps"]
         self.events = list(state_dict["events"])

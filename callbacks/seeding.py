@@ -9,6 +9,7 @@ import torch
 from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 
 from dti_sprites.optim import reset_optimizer_state
+from dti_sprites.ranks import rank_and_world
 from dti_sprites.seeding import (
     centre_crops,
     invariant_kmeans,
@@ -195,6 +196,8 @@ class SpriteSeeding(L.Callback):
         return {"crops": self.crops, "choices": self.choices, "events": list(self.events)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.crops = list(state_dict["crops"])
-        self.choices = list(state_dict["choices"])
+        # Rank 0 collects and computes (the checkpoint is rank 0's); the others hold nothing.
+        rank0 = rank_and_world()[0] == 0
+        self.crops = list(state_dict["crops"]) if rank0 else []
+        self.choices = list(state_dict["choices"]) if rank0 else []
         self.events = list(state_dict["events"])

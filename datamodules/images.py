@@ -45,6 +45,11 @@ from dti_sprites.datamodules.image_files import (
     pair_masks,
     require,
 )
+from dti_sprites.datamodules.resumable import (
+    ResumableDataLoader,
+    evaluation_loader,
+    training_loader,
+)
 
 __all__ = [
     "GTSRB8_CLASSES",
@@ -199,6 +204,8 @@ class _SingleObjectDataModule(DTIDataModule):
         num_workers: dataloader workers; also the threads that preload or decode at ``setup``.
         eval_protocols: validation / test splits, in order (predict: the first); ``train``:
             all images, as the paper for Weizmann Horse and image folders.
+        shuffle_seed: seed of the training order (epoch ``e``: a permutation drawn from
+            ``shuffle_seed + e``); None: the run's ``seed_everything`` seed.
     """
 
     _protocols: ClassVar[tuple[str, ...]] = ("train",)
@@ -210,6 +217,7 @@ class _SingleObjectDataModule(DTIDataModule):
         batch_size: int = 32,
         num_workers: int = 2,
         eval_protocols: tuple[str, ...] = ("train",),
+        shuffle_seed: int | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -226,6 +234,7 @@ class _SingleObjectDataModule(DTIDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.eval_protocols = tuple(eval_protocols)
+        self.shuffle_seed = shuffle_seed
         self._splits: dict[str, Dataset[Sample]] = {}
         self._train: Dataset[Sample] | None = None
         self.save_hyperparameters()  # with the arguments of the subclasses' __init__
@@ -253,22 +262,18 @@ class _SingleObjectDataModule(DTIDataModule):
         for protocol in self.eval_protocols:
             self.split(protocol)
 
-    def _loader(self, dataset: Dataset[Sample], shuffle: bool) -> DataLoader[Sample]:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
+    def _loader(self, dataset: Dataset[Sample]) -> DataLoader[Sample]:
+        return evaluation_loader(dataset, self.batch_size, self.num_workers)
+
+    def train_dataloader(self) -> ResumableDataLoader:
+        """Shuffled batches of the training set (``batch_size`` per process, this process's
+        shard), resumable mid-epoch (:mod:`dti_sprites.datamodules.resumable`)."""
+        return training_loader(
+            self.train_set(), self.batch_size, self.num_workers, self.shuffle_seed, self.trainer
         )
 
-    def train_dataloader(self) -> DataLoader[Sample]:
-        """Shuffled batches of the training set (``batch_size`` per process)."""
-        return self._loader(self.train_set(), shuffle=True)
-
     def _eval_loaders(self) -> list[DataLoader[Sample]]:
-        return [self._loader(self.split(p), shuffle=False) for p in self.eval_protocols]
+        return [self._loader(self.split(p)) for p in self.eval_protocols]
 
     def val_dataloader(self) -> list[DataLoader[Sample]]:
         """One unshuffled loader per name in ``eval_protocols``, in that order."""
@@ -280,7 +285,7 @@ class _SingleObjectDataModule(DTIDataModule):
 
     def predict_dataloader(self) -> DataLoader[Sample]:
         """The first evaluation split (``eval_protocols[0]``) in order, unshuffled."""
-        return self._loader(self.split(self.eval_protocols[0]), shuffle=False)
+        return self._loader(self.split(self.eval_protocols[0]))
 
     def init_images(self, n: int = 100) -> Tensor:
         """The first ``min(n, N)`` training images in split order: (n, 3, H, W) float32, [0, 1]."""

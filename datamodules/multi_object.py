@@ -44,6 +44,11 @@ from torch.utils.data import DataLoader
 from dti_sprites.datamodules.base import DTIDataModule
 from dti_sprites.datamodules.catalog import BASE_URL, dataset_info
 from dti_sprites.datamodules.hdf5 import MultiObjectHDF5Dataset, check_file, read_attr
+from dti_sprites.datamodules.resumable import (
+    ResumableDataLoader,
+    evaluation_loader,
+    training_loader,
+)
 
 __all__ = [
     "CLEVR6DataModule",
@@ -139,6 +144,8 @@ class MultiObjectDataModule(DTIDataModule):
         seed: seed of the synthetic data.
         predict_split: what ``predict_dataloader`` iterates.
         download_base_url: where ``download`` fetches from (a mirror).
+        shuffle_seed: seed of the training order (epoch ``e``: a permutation drawn from
+            ``shuffle_seed + e``); None: the run's ``seed_everything`` seed.
     """
 
     dataset_name: ClassVar[str]  # key of ``catalog.DATASETS``, attribute ``dataset`` of the file
@@ -159,6 +166,7 @@ class MultiObjectDataModule(DTIDataModule):
         seed: int = 0,
         predict_split: PredictSplit = "paper320",
         download_base_url: str = BASE_URL,
+        shuffle_seed: int | None = None,
     ) -> None:
         super().__init__()
         info = dataset_info(self.dataset_name)
@@ -191,6 +199,7 @@ class MultiObjectDataModule(DTIDataModule):
         self.seed = seed
         self.predict_split: PredictSplit = predict_split
         self.download_base_url = download_base_url
+        self.shuffle_seed = shuffle_seed
         self.image_channels = (1, 3) if schema.channels == 1 else (3,)  # grey: made RGB
         self.image_size = info.image_size
         self.has_semantic = info.num_semantic_classes > 0
@@ -320,23 +329,23 @@ class MultiObjectDataModule(DTIDataModule):
                 )
         return self._datasets[split]
 
-    def _loader(self, split: PredictSplit, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            self.dataset(split),
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
-        )
+    def _loader(self, split: PredictSplit) -> DataLoader:
+        return evaluation_loader(self.dataset(split), self.batch_size, self.num_workers)
 
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled training records (uint8 until ``on_after_batch_transfer``)."""
-        return self._loader("train", shuffle=True)
+    def train_dataloader(self) -> ResumableDataLoader:
+        """Shuffled training records (uint8 until ``on_after_batch_transfer``), this process's
+        shard, resumable mid-epoch (:mod:`dti_sprites.datamodules.resumable`)."""
+        return training_loader(
+            self.dataset("train"),
+            self.batch_size,
+            self.num_workers,
+            self.shuffle_seed,
+            getattr(self, "trainer", None),
+        )
 
     def val_dataloader(self) -> list[DataLoader]:
         """One loader per name in ``eval_protocols``: ``[paper320, heldout]``."""
-        return [self._loader(name, shuffle=False) for name in self.eval_protocols]  # type: ignore[arg-type]
+        return [self._loader(name) for name in self.eval_protocols]  # type: ignore[arg-type]
 
     def test_dataloader(self) -> list[DataLoader]:
         """Same as validation: ``[paper320, heldout]``."""
@@ -344,7 +353,7 @@ class MultiObjectDataModule(DTIDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         """The ``predict_split`` records in order."""
-        return self._loader(self.predict_split, shuffle=False)
+        return self._loader(self.predict_split)
 
     def on_after_batch_transfer(self, batch: Sample, dataloader_idx: int) -> Sample:
         """uint8 batch -> base.py contract: image (B, 3, H, W) float32 in [0, 1], maps int64."""

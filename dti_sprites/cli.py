@@ -25,7 +25,7 @@ from lightning.pytorch.loggers import WandbLogger
 
 import dti_sprites.callbacks  # registers the callback classes for short names
 import dti_sprites.datamodules  # noqa: F401
-from dti_sprites.callbacks import PredictionWriter
+from dti_sprites.callbacks import PredictionWriter, Preemption
 from dti_sprites.datamodules.base import DTIDataModule
 from dti_sprites.module import DTISpritesModule
 
@@ -90,6 +90,9 @@ class DTISpritesCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # Always present; writes <run dir>/predictions.h5 during `predict` only.
         parser.add_lightning_class_args(PredictionWriter, "predictions")
+        # Always present: SIGUSR1 / SIGTERM (a cluster stopping the job) -> a checkpoint at the
+        # end of the step under way, exit status 0; `--preemption.signals=[]` turns it off.
+        parser.add_lightning_class_args(Preemption, "preemption")
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand else self.config

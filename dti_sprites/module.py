@@ -20,6 +20,7 @@ from dti_sprites.metrics import (
 )
 from dti_sprites.model import Decomposition, DTISprites
 from dti_sprites.optim import Adam
+from dti_sprites.ranks import gather_ranks, pick_rank, rng_state, set_rng_state
 
 
 def usage_counts(sprite_choice: Tensor, n_sprites: int) -> Tensor:
@@ -84,7 +85,7 @@ class DTISpritesModule(L.LightningModule):
         # baseline and reads the difference (see usage_since).
         usage = torch.zeros(model.n_layers, model.sprites.n_sprites + 1, dtype=torch.long)
         self.register_buffer("usage", usage)  # (L, K0 + 1), in checkpoints
-        self._epoch_usage = usage.clone()
+        self._epoch_usage = usage.clone()  # usage at the start of the epoch, this process
         self.metrics = torch.nn.ModuleDict()  # MetricCollections, built in setup()
 
     # ------------------------------------------------------------------------------- setup
@@ -106,18 +107,20 @@ class DTISpritesModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["dti_sprites_model"] = self.model.config  # see DTISprites.from_checkpoint
-        # Random state (mask noise, shuffling), so that a resumed run continues exactly.
-        checkpoint["rng_state"] = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            checkpoint["rng_state"]["cuda"] = torch.cuda.get_rng_state_all()
+        # Each process's random state (mask noise) and epoch baseline of the usage counter, so
+        # that a resumed run continues exactly (dti_sprites.ranks: gathered from every process).
+        checkpoint["rng_state"] = gather_ranks(rng_state())
+        checkpoint["epoch_usage"] = gather_ranks(self._epoch_usage.cpu())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Set at once: the training loaders draw nothing from the global random state, the
+        # sanity check runs isolated from it, and a plain DataLoader's draws at the next epoch
+        # start then come from the restored state, as in the interrupted run.
         state = checkpoint.get("rng_state")
-        if state is None:
-            return
-        torch.set_rng_state(state["torch"])
-        if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
+        if state is not None:
+            set_rng_state(pick_rank(state, "rng_state"))
+        if "epoch_usage" in checkpoint:
+            self._epoch_usage = pick_rank(checkpoint["epoch_usage"], "epoch_usage").clone()
 
     # ---------------------------------------------------------------------------- training
     def forward(self, image: Tensor) -> Decomposition:

@@ -88,13 +88,17 @@ def test_run_config_moves_every_output_into_the_run_folder(tmp_path):
     config = run_config(base, tmp_path / "k7", "tetrominoes-k7")
     logger = config["trainer"]["logger"]["init_args"]
     assert logger["save_dir"] == str(tmp_path / "k7") and logger["name"] == "tetrominoes-k7"
-    (checkpoint,) = [
+    epoch_end, periodic = [
         c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("ModelCheckpoint")
     ]
-    assert checkpoint["init_args"] == {
+    for checkpoint in (epoch_end, periodic):
+        assert checkpoint["init_args"]["dirpath"] == str(tmp_path / "k7" / "checkpoints")
+    assert epoch_end["init_args"] == {
         "dirpath": str(tmp_path / "k7" / "checkpoints"),
         "save_last": True,
+        "enable_version_counter": False,
     }
+    assert periodic["init_args"]["every_n_train_steps"] == 1000
     assert "save_dir" not in base["trainer"]["logger"]["init_args"]  # a copy
     config["trainer"].pop("logger")
     config["trainer"].pop("callbacks")
