@@ -68,7 +68,7 @@ class Curriculum(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # A resumed run knows its epoch only now (after on_fit_start), and a run resumed in
         # the middle of an epoch gets no on_train_epoch_start for it.
-        self.apply(pl_module, trainer.current_epoch)
+        self.apply(pl_module, self.now(trainer))
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.apply(pl_module, self.now(trainer))
