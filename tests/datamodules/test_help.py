@@ -43,7 +43,7 @@ def test_forwarded_options_are_counted() -> None:
     """The subclasses that forward do reach their base's options (the test above is not empty)."""
     assert len(CLASSES) == 9
     assert _options(datamodules.TetrominoesDataModule)[:3] == ["path", "batch_size", "num_workers"]
-    assert len(_options(datamodules.MultiDSpritesDataModule)) == 14
+    assert len(_options(datamodules.MultiDSpritesDataModule)) == 15
     assert _options(datamodules.WeizmannHorseDataModule)[-4:] == [
         "batch_size",
         "num_workers",
