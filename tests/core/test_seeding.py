@@ -280,3 +280,74 @@ def test_invariant_seeding_through_the_callback_uses_isolated_crops_in_their_own
     turns = torch.stack([torch.rot90(PIECE, k, (0, 1)).flatten() for k in range(4)])
     for mask in model.sprites.mask.detach().flatten(1):  # every mask is the piece, turned
         assert (mask - turns).abs().max(1).values.min() < 1e-5
+
+
+BAR = torch.zeros(10, 10)
+BAR[4:6, 1:9] = 1
+
+
+def shifted(shape: torch.Tensor, s: int, dim: int) -> torch.Tensor:
+    """The shape moved by s pixels along dim, zeros shifted in (nothing wraps around)."""
+    out = torch.roll(shape, s, dim)
+    assert out.sum() == shape.sum()
+    return out
+
+
+class TwoShapesData(DTIDataModule):
+    """Batches 1-2: the piece and the bar at three offsets; batches 3-4: a thicker piece
+    (6 of 8 layers) and the bar (2 of 8), for a refit that changes the piece's mask."""
+
+    image_size = (20, 20)
+
+    def train_dataloader(self) -> DataLoader:
+        thick_piece = PIECE.clone()
+        thick_piece[2:4, 5] = 1
+        canvases = []
+        for i in range(8):  # seeding window
+            shape = PIECE if i % 2 == 0 else BAR
+            canvases.append(shifted(shape, i % 3, 1 if shape is PIECE else 0))
+        for i in range(8):  # refit window
+            canvases.append(BAR if i in (3, 6) else thick_piece)
+        images = torch.zeros(16, 3, 20, 20)
+        images[:, :, 5:15, 5:15] = 0.9 * torch.stack(canvases)[:, None]
+        return DataLoader([{"image": x} for x in images], batch_size=4)
+
+
+def test_callback_seeds_centred_distinct_shapes_then_refits_those_chosen_often_enough(tmp_path):
+    torch.manual_seed(0)
+    model = DTISprites(**{**MODEL, "n_sprites": 2, "n_layers": 1})
+    with torch.no_grad():
+        model.sprites.mask.fill_(1.0)
+    seeding = SpriteSeeding(at_step=2, collect_steps=2, refit_every=2, min_count=3, centre=True)
+    moments = {}
+
+    class Watch(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            state = trainer.optimizers[0].state.get(pl_module.model.sprites.mask, {})
+            moments[trainer.global_step] = state["exp_avg"].abs().max().item() if state else 0.0
+
+    trainer = L.Trainer(
+        default_root_dir=tmp_path,
+        max_steps=4,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        callbacks=[seeding, Watch()],
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(DTISpritesModule(model, lr=1e-9), TwoShapesData())
+    centred = centre_crops(torch.stack([PIECE, BAR]).flatten(1), (10, 10))
+    thick = TwoShapesData().train_dataloader().dataset[8]["image"][0, 5:15, 5:15] / 0.9
+    thick = centre_crops(thick.flatten()[None], (10, 10))[0]
+    assert [(e["step"], e["kind"]) for e in seeding.events] == [(2, "seed"), (4, "refit")]
+    assert seeding.events[1]["refit"] == 1  # the bar's sprite: 2 layers < min_count
+    masks = model.sprites.mask.detach().flatten(1)
+    piece_k = int((masks - thick).abs().amax(1).argmin())
+    # The piece's sprite is refitted to the thick piece; the bar's keeps the seeded bar: the
+    # shifted crops were centred, so both are exact.
+    torch.testing.assert_close(masks[piece_k], thick, atol=1e-6, rtol=0)
+    torch.testing.assert_close(masks[1 - piece_k], centred[1], atol=1e-6, rtol=0)
+    # The masks trained for one step after the seeding; the refit zeroed their moments.
+    assert moments[3] > 0 and moments[4] == 0
