@@ -6,9 +6,11 @@
 Loads a training checkpoint taken just before a seeding (e.g. ``convergence.py --steps 750
 --checkpoint``), takes the layer crops of ``--batches`` random training batches as
 ``SpriteSeeding`` would (:func:`dti_sprites.seeding.layer_supports`, then the inverse warp), and
-labels each crop with the ground-truth class that covers most of its support. Then it clusters
-the crops into K0 masks with each seeding variant and prints, per variant, the purity (the share
-of crops whose cluster's majority class is their own) and the confusion (clusters × classes).
+labels each crop with the ground-truth class that covers 80% of its support (0: none does). Then
+it clusters the crops into K0 masks with each seeding variant, over all crops and over those of
+isolated, whole objects (``SpriteSeeding(isolated_only)``), and prints the purity (the share of
+labelled crops whose cluster's majority class is their own) and the confusion (clusters ×
+classes, column 0 the unlabelled crops).
 With ``--out`` it writes ``<out>/purity.csv`` and ``<out>/centres.png`` (a row of masks per
 variant). Purity 1 means one cluster per class; a seeding that sorts by size or by rotation
 scores near the largest class's share.
@@ -31,7 +33,6 @@ from torch import Tensor
 from dti_sprites.model import DTISprites
 from dti_sprites.seeding import (
     centre_crops,
-    invariant_assign,
     invariant_kmeans,
     isolated_layers,
     kmeans_masks,
@@ -106,13 +107,11 @@ def variants(size: tuple[int, int], k: int, seed: int) -> dict[str, Callable]:
         centres = kmeans_masks(normal, k, seed)
         return centres, nearest(normal, centres)
 
-    def invariant(rotations: int, whole: bool = False) -> Callable:
+    def invariant(rotations: int) -> Callable:
         def run(crops: Tensor) -> tuple[Tensor, Tensor]:
             normal, _ = normalise_crops(centre_crops(crops, size), size)
-            kept = whole_crops(crops, size) if whole else torch.ones(len(crops), dtype=torch.bool)
-            centres, _, _ = invariant_kmeans(normal[kept], k, size, rotations, seed=seed)
-            dist, _, _ = invariant_assign(normal, centres, size, rotations)
-            return centres, dist.argmin(1)
+            centres, cluster, _ = invariant_kmeans(normal, k, size, rotations, seed=seed)
+            return centres, cluster
 
         return run
 
@@ -122,7 +121,6 @@ def variants(size: tuple[int, int], k: int, seed: int) -> dict[str, Callable]:
         "scale-normalised k-means": scale,
         "scale-normalised, rotation-invariant k-means (36)": invariant(36),
         "scale-normalised, rotation-invariant k-means (72)": invariant(72),
-        "whole crops only, rotation-invariant (36)": invariant(36, whole=True),
     }
 
 
@@ -138,25 +136,38 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     model = DTISprites.from_checkpoint(args.checkpoint)
-    crops, classes = collect(
+    crops, classes, isolated = collect(
         model, args.data, args.batches, args.batch_size, args.tolerance, args.seed
     )
     k, size = model.sprites.n_sprites, tuple(model.sprites.mask.shape[-2:])
-    whole = whole_crops(crops, size)
     print(f"{len(crops)} crops, classes {torch.bincount(classes).tolist()} (0: none)")
-    print(f"whole crops: {int(whole.sum())}, classes {torch.bincount(classes[whole]).tolist()}")
+    selections = {
+        "all crops": torch.ones(len(crops), dtype=torch.bool),
+        "isolated, whole crops": isolated & whole_crops(crops, size),
+    }
     rows, centres = [], {}
-    for name, run in variants(size, k, args.seed).items():
-        start = time.perf_counter()
-        centres[name], cluster = run(crops)
-        score, confusion = purity(cluster, classes, k)
-        seconds = time.perf_counter() - start
-        rows.append({"variant": name, "purity": round(score, 4), "confusion": confusion})
-        print(f"{name}: purity {score:.3f} ({seconds:.1f} s) {confusion}", flush=True)
+    for selection, chosen in selections.items():
+        print(f"{selection}: {int(chosen.sum())}", flush=True)
+        for variant, run in variants(size, k, args.seed).items():
+            name = f"{selection}: {variant}"
+            start = time.perf_counter()
+            centres[name], cluster = run(crops[chosen])
+            score, confusion = purity(cluster, classes[chosen], k)
+            seconds = time.perf_counter() - start
+            rows.append(
+                {
+                    "crops": selection,
+                    "variant": variant,
+                    "n": int(chosen.sum()),
+                    "purity": round(score, 4),
+                    "confusion": confusion,
+                }
+            )
+            print(f"  {variant}: purity {score:.3f} ({seconds:.1f} s) {confusion}", flush=True)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         with (args.out / "purity.csv").open("w", newline="") as f:
-            writer = csv.DictWriter(f, ["variant", "purity", "confusion"])
+            writer = csv.DictWriter(f, ["crops", "variant", "n", "purity", "confusion"])
             writer.writeheader()
             writer.writerows(rows)
         fig, axes = plt.subplots(len(centres), k, figsize=(1.6 * k, 1.6 * len(centres)))
@@ -164,7 +175,7 @@ def main() -> None:
             for ax, mask in zip(row, masks, strict=True):
                 ax.imshow(mask.view(size).cpu(), cmap="gray", vmin=0, vmax=1)
                 ax.set(xticks=[], yticks=[])
-            row[0].set_ylabel(name[:24], fontsize=6)
+            row[0].set_ylabel(name[:40], fontsize=5)
         fig.tight_layout()
         fig.savefig(args.out / "centres.png", dpi=90)
 
