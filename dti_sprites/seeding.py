@@ -394,11 +394,27 @@ def invariant_refit(
     crops (N, h·w), choices (N,) in [0, K), masks (K, h·w). Returns the means (K, h·w) (zeros
     where unused), the counts (K,) and the aligned crops (N, h·w).
     """
-    _, index, grid = invariant_assign(crops, masks, size, rotations, scales)  # (N, K)
-    chosen = index.gather(1, choices[:, None])[:, 0]  # (N,)
-    aligned = align_crops(crops, size, grid[chosen]).clamp(0, 1)  # (N, h·w)
+    _, aligned, _ = _align_to(crops, masks, choices, size, rotations, scales)
+    aligned = aligned.clamp(0, 1)  # (N, h·w)
     means, counts = refit_masks(aligned, choices, len(masks))
     return means, counts, aligned
+
+
+def _align_to(
+    crops: Tensor,
+    centres: Tensor,
+    label: Tensor | None,
+    size: tuple[int, int],
+    rotations: int,
+    scales: tuple[float, ...],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Each crop aligned with centre ``label`` (None: its nearest, invariantly): the label
+    (N,) used, the aligned crops (N, h·w) and their squared distances (N,) to that centre's
+    best version."""
+    dist, index, grid = invariant_assign(crops, centres, size, rotations, scales)  # (N, K)
+    label = dist.argmin(1) if label is None else label  # (N,)
+    aligned = align_crops(crops, size, grid[index.gather(1, label[:, None])[:, 0]])
+    return label, aligned, dist.gather(1, label[:, None])[:, 0]
 
 
 def invariant_kmeans(
@@ -436,17 +452,13 @@ def invariant_kmeans(
             centres = torch.cat([centres, x[pick : pick + 1]])
         label = None
         for _ in range(steps):
-            dist, index, grid = invariant_assign(x, centres, size, rotations, scales)
-            new = dist.argmin(1)  # (N,)
-            aligned = align_crops(x, size, grid[index.gather(1, new[:, None])[:, 0]])
+            new, aligned, _ = _align_to(x, centres, None, size, rotations, scales)
             centres = _means(aligned, new, centres)
             if label is not None and torch.equal(new, label):
                 break
             label = new
-        dist, index, grid = invariant_assign(x, centres, size, rotations, scales)
-        label = dist.argmin(1)
-        aligned = align_crops(x, size, grid[index.gather(1, label[:, None])[:, 0]])
-        sse = float(dist.gather(1, label[:, None]).sum())
+        label, aligned, dist = _align_to(x, centres, None, size, rotations, scales)
+        sse = float(dist.sum())
         if best is None or sse < best[0]:
             best = (sse, centres, label, aligned)
     assert best is not None

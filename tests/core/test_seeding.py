@@ -108,8 +108,15 @@ class PieceData(DTIDataModule):
         return DataLoader([{"image": x} for x in scenes(16)], batch_size=4)
 
 
-def train(tmp_path, model: DTISprites, callbacks: list[L.Callback], steps: int) -> None:
-    """``steps`` training steps on the placed piece at a negligible lr (only callbacks act)."""
+def train(
+    tmp_path,
+    model: DTISprites,
+    callbacks: list[L.Callback],
+    steps: int,
+    data: DTIDataModule | None = None,
+) -> None:
+    """``steps`` training steps on ``data`` (default: the placed piece) at a negligible lr
+    (only callbacks act)."""
     trainer = L.Trainer(
         default_root_dir=tmp_path,
         max_steps=steps,
@@ -121,7 +128,7 @@ def train(tmp_path, model: DTISprites, callbacks: list[L.Callback], steps: int) 
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer.fit(DTISpritesModule(model, lr=1e-9), PieceData())
+        trainer.fit(DTISpritesModule(model, lr=1e-9), data or PieceData())
 
 
 def test_callback_freezes_until_it_seeds_then_refits(tmp_path):
@@ -263,18 +270,7 @@ def test_invariant_seeding_through_the_callback_uses_isolated_crops_in_their_own
     seeding = SpriteSeeding(
         at_step=2, collect_steps=2, centre=False, rotations=4, isolated_only=True, min_count=1
     )
-    trainer = L.Trainer(
-        default_root_dir=tmp_path,
-        max_steps=2,
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        callbacks=[seeding],
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(DTISpritesModule(model, lr=1e-9), TurnedPieceData())
+    train(tmp_path, model, [seeding], steps=2, data=TurnedPieceData())
     # Only the 4 pieces that touch nothing are used: one at each right angle.
     assert seeding.events[0]["crops"] == 4
     turns = torch.stack([torch.rot90(PIECE, k, (0, 1)).flatten() for k in range(4)])
@@ -326,18 +322,7 @@ def test_callback_seeds_centred_distinct_shapes_then_refits_those_chosen_often_e
             state = trainer.optimizers[0].state.get(pl_module.model.sprites.mask, {})
             moments[trainer.global_step] = state["exp_avg"].abs().max().item() if state else 0.0
 
-    trainer = L.Trainer(
-        default_root_dir=tmp_path,
-        max_steps=4,
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        callbacks=[seeding, Watch()],
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(DTISpritesModule(model, lr=1e-9), TwoShapesData())
+    train(tmp_path, model, [seeding, Watch()], steps=4, data=TwoShapesData())
     centred = centre_crops(torch.stack([PIECE, BAR]).flatten(1), (10, 10))
     thick = TwoShapesData().train_dataloader().dataset[8]["image"][0, 5:15, 5:15] / 0.9
     thick = centre_crops(thick.flatten()[None], (10, 10))[0]
