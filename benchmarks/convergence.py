@@ -148,11 +148,11 @@ def run_seed(args: argparse.Namespace, extra: list[str], seed: int, folder: Path
     trainer, module = cli.trainer, cli.model
     skip = (ModelCheckpoint, SpriteDashboard)
     trainer.callbacks[:] = [c for c in trainer.callbacks if not isinstance(c, skip)]
-    trainer.callbacks.append(Recorder(folder / f"seed{seed}.csv"))
+    recorder = Recorder(folder / f"seed{seed}.csv")
+    trainer.callbacks.append(recorder)
     ckpt = None if args.resume is None else args.resume / f"seed{seed}.ckpt"
     trainer.fit(module, cli.datamodule, ckpt_path=ckpt)
     if args.test:  # the test range: the --test records after the validation range
-        recorder = trainer.callbacks[-1]
         recorder.rename = {"paper320": "", "heldout": "test"}
         test_data = build(
             args,
