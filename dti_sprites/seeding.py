@@ -136,9 +136,7 @@ def centre_crops(crops: Tensor, size: tuple[int, int]) -> Tensor:
     c = crops.view(-1, h, w)  # (N, h, w)
     ys = torch.arange(h, device=crops.device)
     xs = torch.arange(w, device=crops.device)
-    mass = c.sum((1, 2)).clamp(min=1e-12)  # (N,)
-    cy = (c.sum(2) * ys).sum(1) / mass  # (N,)
-    cx = (c.sum(1) * xs).sum(1) / mass  # (N,)
+    _, cx, cy, _ = _moments(crops, size)  # (N,) each
     src_y = ys[None] - ((h - 1) / 2 - cy).round().long()[:, None]  # (N, h) source rows
     src_x = xs[None] - ((w - 1) / 2 - cx).round().long()[:, None]  # (N, w) source columns
     inside_y = (src_y >= 0) & (src_y < h)
