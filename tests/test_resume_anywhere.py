@@ -24,6 +24,17 @@ from dti_sprites.cli import main
 STEPS = 30  # 3 epochs of 10 steps
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread_like_the_subprocesses():
+    """The in-process runs use one thread, as the ``dti-sprites`` subprocesses do
+    (``OMP_NUM_THREADS=1``): with another thread count the convolutions sum in another order,
+    a greedy choice can flip, and a preempted subprocess would not equal the in-process run."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def snapshot(folder: Path) -> dict:
     return {"class_path": "resume_helpers.Snapshot", "init_args": {"folder": str(folder)}}
 
