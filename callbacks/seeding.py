@@ -67,6 +67,9 @@ class SpriteSeeding(L.Callback):
         isolated_only: use only the crops of objects that touch no other object and lie
             whole inside the canvas (:func:`dti_sprites.seeding.layer_crops`): in crowded
             scenes most layers show an occluded or merged shape.
+        hold_masks: the masks get no gradient update for this many steps after the seeding
+            (refits still set them): the sprite transformations learn to rotate and scale
+            fixed, sharp shapes before gradient descent may round them off (0: none).
     """
 
     def __init__(
@@ -86,6 +89,7 @@ class SpriteSeeding(L.Callback):
         rotations: NonNegativeInt = 0,
         refit_scales: list[PositiveFloat] | None = None,
         isolated_only: bool = False,
+        hold_masks: NonNegativeInt = 0,
     ) -> None:
         if refit_every and collect_steps > refit_every:
             raise ValueError(
@@ -108,6 +112,7 @@ class SpriteSeeding(L.Callback):
         self.normalise_scale, self.rotations = bool(normalise_scale), int(rotations)
         self.refit_scales = tuple(float(f) for f in refit_scales or [1.0])
         self.isolated_only = bool(isolated_only)
+        self.hold_masks = int(hold_masks)
         self.background_tolerance = (
             None if background_tolerance is None else float(background_tolerance)
         )
@@ -126,6 +131,11 @@ class SpriteSeeding(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         pl_module.model.freeze_sprites(trainer.global_step < self.at_step)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        # global_step counts the steps done: this update is step global_step + 1.
+        if self.at_step <= trainer.global_step < self.at_step + self.hold_masks:
+            pl_module.model.sprites.mask.grad = None  # no update, no momentum, no decay
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step  # steps done, this one included

@@ -114,9 +114,10 @@ def train(
     callbacks: list[L.Callback],
     steps: int,
     data: DTIDataModule | None = None,
+    lr: float = 1e-9,
 ) -> None:
-    """``steps`` training steps on ``data`` (default: the placed piece) at a negligible lr
-    (only callbacks act)."""
+    """``steps`` training steps on ``data`` (default: the placed piece) at ``lr`` (default
+    negligible: only callbacks act)."""
     trainer = L.Trainer(
         default_root_dir=tmp_path,
         max_steps=steps,
@@ -128,7 +129,7 @@ def train(
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer.fit(DTISpritesModule(model, lr=1e-9), data or PieceData())
+        trainer.fit(DTISpritesModule(model, lr=lr), data or PieceData())
 
 
 def test_callback_freezes_until_it_seeds_then_refits(tmp_path):
@@ -148,6 +149,25 @@ def test_callback_freezes_until_it_seeds_then_refits(tmp_path):
     masks = model.sprites.mask.detach().flatten(1)
     torch.testing.assert_close(masks, PIECE.flatten().expand(3, -1), atol=1e-6, rtol=0)
     assert seeding.state_dict()["crops"] == []
+
+
+def test_held_masks_keep_the_seeded_values_then_learn(tmp_path):
+    """hold_masks=2 after a seeding at step 1: steps 2 and 3 leave the masks as seeded (the
+    rest of the model learns), step 4 updates them."""
+    model = opaque_model()
+    seeding = SpriteSeeding(at_step=1, collect_steps=1, min_count=1, centre=False, hold_masks=2)
+    masks, appearances = [], []
+
+    class Watch(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            masks.append(pl_module.model.sprites.mask.detach().clone())
+            appearances.append(pl_module.model.sprites.appearance.detach().clone())
+
+    train(tmp_path, model, [seeding, Watch()], steps=4, lr=1e-2)
+    assert seeding.events[0]["step"] == 1 and masks[0].min() == 0  # seeded (was all ones)
+    assert torch.equal(masks[1], masks[0]) and torch.equal(masks[2], masks[0])  # steps 2, 3: held
+    assert not torch.equal(masks[3], masks[2])  # step 4: gradient descent again
+    assert not torch.equal(appearances[1], appearances[0])  # the rest learns during the hold
 
 
 def test_reseeding_runs_kmeans_again_at_the_listed_refit_steps(tmp_path):
