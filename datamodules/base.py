@@ -34,6 +34,14 @@ class DTIDataModule(L.LightningDataModule):
     num_semantic_classes: int = 0
     num_classes: int = 0
 
+    def check_source(self, stage: str) -> None:
+        """Raise :class:`~dti_sprites.io.DataSourceError` now when the data that ``stage``
+        reads is missing or invalid and ``prepare_data`` will not create it.
+
+        The command line calls it before the trainer or the logger start anything, so that a
+        missing or broken file costs one line of output and no run. Default: no check.
+        """
+
     def init_images(self, n: int = 100) -> torch.Tensor:
         """The first ``n`` training images, (n, 3, H, W) float32 in [0, 1].
 

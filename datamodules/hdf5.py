@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from dti_sprites.io import atomic_write
+from dti_sprites.io import DataSourceError, atomic_write
 
 __all__ = [
     "HDF5FormatError",
@@ -52,7 +52,7 @@ _CHUNK_BYTES = 64 << 10  # target HDF5 chunk size
 _MAP_KEYS = {"mask": "instance label map", "semantic": "semantic label map"}
 
 
-class HDF5FormatError(ValueError):
+class HDF5FormatError(DataSourceError, ValueError):
     """An HDF5 file that is not what the reader expects; the message names file and key."""
 
 

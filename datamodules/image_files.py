@@ -19,6 +19,8 @@ from PIL import Image, ImageOps
 from torch import Tensor
 from torchvision.transforms import InterpolationMode
 
+from dti_sprites.io import DataSourceError, MissingDataError
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "Geometry",
@@ -36,7 +38,7 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png")
 Geometry = Literal["stretch", "crop"]
 
 
-class ImageReadError(ValueError):
+class ImageReadError(DataSourceError, ValueError):
     """A file that should hold an image could not be decoded; the message names the file."""
 
 
@@ -53,7 +55,7 @@ def require(path: Path, expected: str, kind: Literal["dir", "file"] = "dir") -> 
     """Return ``path`` if it is an existing directory / file, else raise naming it."""
     ok = path.is_dir() if kind == "dir" else path.is_file()
     if not ok:
-        raise FileNotFoundError(f"{path} not found: expected {expected}")
+        raise MissingDataError(f"{path} not found: expected {expected}")
     return path
 
 

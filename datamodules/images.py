@@ -262,6 +262,12 @@ class _SingleObjectDataModule(DTIDataModule):
         for protocol in self.eval_protocols:
             self.split(protocol)
 
+    def check_source(self, stage: str) -> None:
+        """Build and check the splits now (see :meth:`DTIDataModule.check_source`), unless
+        ``download`` will fetch them."""
+        if not getattr(self, "download", False):
+            self.setup(stage)
+
     def _loader(self, dataset: Dataset[Sample]) -> DataLoader[Sample]:
         return evaluation_loader(dataset, self.batch_size, self.num_workers)
 

@@ -49,6 +49,7 @@ from dti_sprites.datamodules.resumable import (
     evaluation_loader,
     training_loader,
 )
+from dti_sprites.io import MissingDataError
 
 __all__ = [
     "CLEVR6DataModule",
@@ -257,13 +258,19 @@ class MultiObjectDataModule(DTIDataModule):
             "download=True (or generate=N for synthetic data) on this DataModule."
         )
 
+    def check_source(self, stage: str) -> None:
+        """Check the file now (see :meth:`DTIDataModule.check_source`), unless ``download`` or
+        ``generate`` will create it."""
+        if self.path.exists() or not (self.download or self.generate):
+            self.setup(stage)
+
     # -- splits and datasets -------------------------------------------------------------------
 
     def setup(self, stage: str | None = None) -> None:
         """Validate the file (once) and plan the splits; raises before training starts."""
         if self.splits is None:
             if not self.path.is_file():
-                raise FileNotFoundError(f"{self.path} not found. {self._create_hint()}")
+                raise MissingDataError(f"{self.path} not found. {self._create_hint()}")
             self._check_semantic_attr()
             n = check_file(
                 self.path,

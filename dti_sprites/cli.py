@@ -27,6 +27,7 @@ import dti_sprites.callbacks  # registers the callback classes for short names
 import dti_sprites.datamodules  # noqa: F401
 from dti_sprites.callbacks import PredictionWriter, Preemption
 from dti_sprites.datamodules.base import DTIDataModule
+from dti_sprites.io import DataSourceError
 from dti_sprites.module import DTISpritesModule
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -94,6 +95,14 @@ class DTISpritesCLI(LightningCLI):
         # end of the step under way, exit status 0; `--preemption.signals=[]` turns it off.
         parser.add_lightning_class_args(Preemption, "preemption")
 
+    def _check_data(self) -> None:
+        """The data file / folder exists and is valid: one line (main) if not, before the
+        trainer or the logger start anything."""
+        if isinstance(self.datamodule, DTIDataModule):
+            self.datamodule.check_source(self.subcommand)  # the subcommand names the stage
+
+    before_fit = before_validate = before_test = before_predict = _check_data
+
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand else self.config
         place_run_outputs(config)
@@ -102,15 +111,23 @@ class DTISpritesCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of ``dti-sprites`` (``args`` for in-process use, e.g. tests)."""
-    DTISpritesCLI(
-        DTISpritesModule,
-        DTIDataModule,
-        subclass_mode_model=False,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-    )
+    """Entry point of ``dti-sprites`` (``args`` for in-process use, e.g. tests).
+
+    Missing or invalid data (:class:`~dti_sprites.io.DataSourceError`) ends the command with
+    its one-line message on stderr and exit status 2, without a traceback.
+    """
+    try:
+        DTISpritesCLI(
+            DTISpritesModule,
+            DTIDataModule,
+            subclass_mode_model=False,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+        )
+    except DataSourceError as err:
+        print(f"dti-sprites: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def lightning_main() -> None:

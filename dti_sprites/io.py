@@ -1,4 +1,5 @@
-"""Writing files atomically: a reader sees the previous file or the whole new one, never half."""
+"""Files: written atomically (a reader sees the previous file or the whole new one, never
+half), and the errors that name a missing or invalid data file."""
 
 from __future__ import annotations
 
@@ -7,7 +8,16 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_write", "commit", "partial_path"]
+__all__ = ["DataSourceError", "MissingDataError", "atomic_write", "commit", "partial_path"]
+
+
+class DataSourceError(Exception):
+    """Data that is missing or not what its reader expects. The message names the file (and
+    the record or key) and what was expected; the command line prints it as one line."""
+
+
+class MissingDataError(DataSourceError, FileNotFoundError):
+    """A data file or folder that does not exist; the message says how to create it."""
 
 
 def partial_path(path: str | os.PathLike[str]) -> Path:

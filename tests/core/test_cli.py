@@ -1,10 +1,12 @@
 import json
+import os
 import shutil
 import subprocess
 import sys
 import sysconfig
 from pathlib import Path
 
+import h5py
 import pytest
 import torch
 import wandb
@@ -68,6 +70,71 @@ def test_bad_values_and_misspelt_keys_fail_at_parse_time_naming_the_key(override
         main(["fit", "--config", DEMO, override, "--print_config"])
     assert exit_.value.code != 0
     assert key in capsys.readouterr().err
+
+
+def test_the_headline_command_without_its_data_file_says_so_in_one_line(tmp_path):
+    """`dti-sprites fit --config experiments/multidsprites.yaml` where the file is missing:
+    the hint, no traceback, exit status 2, and nothing written (no W&B run, no root)."""
+    config = Path(DEMO).parent / "multidsprites.yaml"
+    root = tmp_path / "run"
+    result = subprocess.run(
+        [
+            script("dti-sprites"),
+            "fit",
+            "--config",
+            str(config),
+            f"--trainer.default_root_dir={root}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env={**os.environ, "WANDB_MODE": "offline"},
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("dti-sprites: error: data/multi_dsprites_colored_on_grayscale.h5 not")
+    assert "dti-sprites-data download --dataset multi_dsprites" in last
+    assert not root.exists() and not (tmp_path / "wandb").exists()
+
+
+def _truncated(source: Path, path: Path) -> Path:
+    data = source.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def _without_mask(source: Path, path: Path) -> Path:
+    shutil.copy(source, path)
+    with h5py.File(path, "a") as f:
+        del f["mask"]
+    return path
+
+
+@pytest.mark.parametrize(
+    ("damage", "expected"),
+    [(_truncated, "not a readable HDF5 file"), (_without_mask, "'mask'")],
+)
+def test_a_broken_data_file_ends_the_run_in_one_line_naming_it(
+    damage, expected, experiment_data, tmp_path, capsys
+):
+    path = damage(experiment_data["TetrominoesDataModule"], tmp_path / "broken.h5")
+    root = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_:
+        main(
+            [
+                "fit",
+                "--config",
+                DEMO,
+                f"--data.init_args.path={path}",
+                f"--trainer.default_root_dir={root}",
+            ]
+        )
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"dti-sprites: error: {path}") and expected in err[-1]
+    assert not root.exists()
 
 
 def test_sprite_canvas_larger_than_the_image_is_rejected_before_training(tmp_path):
