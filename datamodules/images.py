@@ -1,4 +1,4 @@
-"""Single-object DataModules (docs/method.md §7, §8): GTSRB-8, SVHN, Weizmann Horse, image folders.
+"""Single-object DataModules (docs/method.md §7): GTSRB-8, SVHN, Weizmann Horse, image folders.
 
 Every DataModule yields the dict batches of :mod:`dti_sprites.datamodules.base`:
 ``image`` (B, 3, H, W) float32 in [0, 1], ``index`` (B,) int64 (position in its split), plus

@@ -54,7 +54,7 @@ class DTISpritesModule(L.LightningModule):
         prototype_lr_multiplier: scales the learning rate of the prototypes (sprites, masks,
             backgrounds; 1 = the paper's setting). Adam moves a parameter by about lr per step,
             so in a short run the masks hardly leave their initial Gaussian without a larger one
-            (the demo uses 10).
+            (every shipped config keeps 1: the fast recipes seed the masks instead).
         init_images: training images averaged for a ``mean`` background init.
     """
 

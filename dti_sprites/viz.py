@@ -246,8 +246,10 @@ def sweep_figure(
         loss = y[int(np.flatnonzero(x == elbow_k)[0])]
         ax.axvline(elbow_k, color="tab:red", linestyle="--", linewidth=1)
         ax.plot([elbow_k], [loss], "o", markersize=12, fillstyle="none", color="tab:red")
-        ax.annotate(f"elbow K={elbow_k}", (elbow_k, loss), xytext=(8, 8),
-                    textcoords="offset points", color="tab:red")  # fmt: skip
+        label = f"elbow K={elbow_k}"
+        ax.annotate(
+            label, (elbow_k, loss), xytext=(8, 8), textcoords="offset points", color="tab:red"
+        )
     ax.set(title=title, xlabel="K (sprites)", ylabel="final training loss")
     ax.set_xticks(x, [str(int(k)) for k in x])
     ax.grid(alpha=0.3)
