@@ -25,7 +25,13 @@ from dti_sprites.compose import (
 )
 from dti_sprites.encoders import Encoder, EncoderName
 from dti_sprites.sprites import BackgroundInit, Backgrounds, SpriteBank, softclip
-from dti_sprites.transforms import TRANSFORM_NAMES, GroupedMLP, TransformName, TransformSequence
+from dti_sprites.transforms import (
+    TRANSFORM_NAMES,
+    GroupedMLP,
+    TransformName,
+    TransformSequence,
+    rotate_params,
+)
 
 ParamSlice = tuple[nn.Parameter, tuple[int | slice, ...]]
 
@@ -156,6 +162,12 @@ class DTISprites(nn.Module):
         background_init: ``constant``, ``noise``, or data-dependent ``mean`` / ``sample``.
         background_value: value of the ``constant`` background init.
         hidden: width of the transformation and occlusion heads.
+        orientations: with n > 1, every sprite is a candidate at n orientations (turns of
+            2πr/n before its predicted similarity / affine transformation, which must be the
+            first geometric sprite transformation), and the selection picks the orientation
+            with the sprite: the network only has to predict the rest of the rotation (under
+            π/n). Not in the paper: a fast-recipe switch (docs/method.md §11); the selection
+            scores n times more candidates. Off (0, 1) while that transformation is inactive.
     """
 
     def __init__(
@@ -180,6 +192,7 @@ class DTISprites(nn.Module):
         background_init: BackgroundInit = "constant",
         background_value: float = 0.5,
         hidden: PositiveInt = 128,
+        orientations: NonNegativeInt = 0,
     ) -> None:
         config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
@@ -215,6 +228,11 @@ class DTISprites(nn.Module):
         head = GroupedMLP(1, n_features, n_pairs, hidden) if occlusion == "predicted" else None
         self.occlusion = Occlusion(n_layers, occlusion, head if n_pairs else None)
         self.register_buffer("sprites_frozen", torch.tensor(False))
+        geometric = [
+            i for i, name in enumerate(self.sprite_transforms.names) if name != "color"
+        ]  # the first one takes the orientation turns
+        self._turned = geometric[0] if geometric and orientations > 1 else None
+        self.orientations = int(orientations)
 
     @staticmethod
     def _check(args: dict) -> None:
@@ -241,6 +259,13 @@ class DTISprites(nn.Module):
                 "layer_transforms needs 'position' when sprite_size != image_size "
                 f"({args['sprite_size']} != {args['image_size']})"
             )
+        if args["orientations"] > 1:
+            geometric = [name for name in args["sprite_transforms"] if name != "color"]
+            if not geometric or geometric[0] not in ("similarity", "affine"):
+                raise ValueError(
+                    "orientations > 1 needs 'similarity' or 'affine' as the first geometric "
+                    f"sprite transformation, got {list(args['sprite_transforms'])}"
+                )
         if args["occlusion"] == "predicted" and args["n_layers"] < 2:
             raise ValueError("occlusion='predicted' needs n_layers >= 2")
 
@@ -356,6 +381,29 @@ class DTISprites(nn.Module):
             penalty[k0] = float("inf") if bool(self.sprites_frozen) else 0.0
         return penalty.to(self.sprites_frozen.device)
 
+    def _turns(self, sprite_p: list[Tensor | None]) -> int:
+        """R, the orientations per sprite this forward: 1 unless ``orientations`` > 1 and the
+        transformation that takes the turns is active."""
+        if self._turned is None or sprite_p[self._turned] is None:
+            return 1
+        return self.orientations
+
+    def _turned_params(self, sprite_p: list[Tensor | None], turns: int) -> list[Tensor | None]:
+        """Per-(layer, sprite) parameters (B, L·K0, P) -> per (layer, sprite, orientation)
+        (B, L·K0·R, P): the turned transformation's composed with each turn, the others
+        repeated."""
+        out: list[Tensor | None] = []
+        for i, p in enumerate(sprite_p):
+            if p is None:
+                out.append(None)
+            elif i == self._turned:
+                module = self.sprite_transforms.transforms[i]
+                turned = rotate_params(module, p.flatten(0, 1), turns)  # (B·L·K0, R, P)
+                out.append(turned.view(p.shape[0], -1, p.shape[-1]))  # (B, L·K0·R, P)
+            else:
+                out.append(p.repeat_interleave(turns, dim=1))  # (B, L·K0·R, P)
+        return out
+
     def _canvases(self, noisy: bool) -> Tensor:
         """Sprite canvases (K, C+2, h, w): RGB, mask, and a support channel (0 for empty).
 
@@ -424,18 +472,32 @@ class DTISprites(nn.Module):
         sprite_p: list[Tensor | None],
         bg_p: list[Tensor | None],
         occ: Tensor,
+        turns: int = 1,
     ) -> tuple[Tensor, Tensor]:
-        """Render every candidate (no gradients) and choose: sprites (B, L), background (B,)."""
+        """Render every candidate (no gradients) and choose: sprites (B, L), background (B,).
+
+        With ``turns`` R > 1, ``sprite_p`` holds (B, L·K0·R, P) and the candidates are the K0·R
+        (sprite, orientation) pairs, sprite-major: a choice c < K0·R is sprite c // R at
+        orientation c % R, and K0·R is the empty sprite.
+        """
         b, n_layers, k0 = len(image), self.n_layers, self.sprites.n_sprites
-        cand_canvas = canvases[:k0].expand(b * n_layers, -1, -1, -1, -1)  # (B·L, K0, C+2, h, w)
-        flat_sprite_p = [None if p is None else p.reshape(b * n_layers * k0, -1) for p in sprite_p]
+        k = k0 * turns  # rendered candidates per layer
+        sprites = canvases[:k0].repeat_interleave(turns, 0) if turns > 1 else canvases[:k0]
+        cand_canvas = sprites.expand(b * n_layers, -1, -1, -1, -1)  # (B·L, K, C+2, h, w)
+        flat_sprite_p = [None if p is None else p.reshape(b * n_layers * k, -1) for p in sprite_p]
+        cand_noise = None
+        if noise is not None:
+            cand_noise = noise[:k0].repeat_interleave(turns, 0) if turns > 1 else noise[:k0]
+            cand_noise = cand_noise[None]  # (1, K, 1, H, W)
         rgb, alpha = self._render(
-            cand_canvas, flat_sprite_p, layer_p, None if noise is None else noise[None, :k0]
-        )  # (B·L, K0, C, H, W), (B·L, K0, 1, H, W)
-        rgb = rgb.view(b, n_layers, *rgb.shape[1:])  # (B, L, K0, C, H, W)
-        alpha = alpha.view(b, n_layers, *alpha.shape[1:])  # (B, L, K0, 1, H, W)
+            cand_canvas, flat_sprite_p, layer_p, cand_noise
+        )  # (B·L, K, C, H, W), (B·L, K, 1, H, W)
+        rgb = rgb.view(b, n_layers, *rgb.shape[1:])  # (B, L, K, C, H, W)
+        alpha = alpha.view(b, n_layers, *alpha.shape[1:])  # (B, L, K, 1, H, W)
         backgrounds = self._render_backgrounds(b, bg_p)  # (B, M, C, H, W)
         penalty = self.candidate_penalty().to(image.dtype)
+        if turns > 1:  # each sprite's cost for each of its orientations, then the empty one's
+            penalty = torch.cat([penalty[:k0].repeat_interleave(turns), penalty[k0:]])
         if n_layers == 1:
             choice, bg_choice = exhaustive_select(
                 image, rgb[:, 0], alpha[:, 0], backgrounds, penalty
@@ -454,6 +516,9 @@ class DTISprites(nn.Module):
             for p in self.layer_transforms.predict(features)
         ]  # (B·L, P) each
         sprite_p = self.sprite_transforms.predict(features)  # (B, L·K0, P) each
+        turns = self._turns(sprite_p)  # R orientations per sprite (1: plain)
+        if turns > 1:
+            sprite_p = self._turned_params(sprite_p, turns)  # (B, L·K0·R, P) each
         bg_p = self.background_transforms.predict(features)  # (B, M, P) each
         noisy = self.training and self.mask_noise > 0
         canvases = self._canvases(noisy)  # (K, C+2, h, w)
@@ -462,12 +527,20 @@ class DTISprites(nn.Module):
             size = (len(canvases), 1, self.image_size, self.image_size)
             noise = image.new_empty(size).uniform_(-self.mask_noise, self.mask_noise)
         with torch.no_grad():
-            choice, bg_choice = self._select(image, canvases, noise, layer_p, sprite_p, bg_p, occ)
+            choice, bg_choice = self._select(
+                image, canvases, noise, layer_p, sprite_p, bg_p, occ, turns
+            )
+        # With orientations, choice = sprite · R + orientation (K0·R: empty); candidate_index
+        # picks the composed parameters, choice becomes the sprite (K0: empty).
+        candidate_index = choice.flatten()  # (B·L,)
+        if turns > 1:
+            choice = torch.where(choice >= k0 * turns, k0, choice.div(turns, rounding_mode="floor"))
 
         # Render only the selected sprites and background, with gradients. (B·L,)
         flat_choice = choice.flatten()
         batch = torch.arange(b * n_layers, device=image.device)
-        head_index = (batch % n_layers) * k0 + flat_choice.clamp(max=k0 - 1)  # (B·L,)
+        k = k0 * turns
+        head_index = (batch % n_layers) * k + candidate_index.clamp(max=k - 1)  # (B·L,)
         picked_sprite_p = [
             None if p is None else p[batch // n_layers, head_index] for p in sprite_p
         ]  # (B·L, P) each

@@ -119,6 +119,10 @@ class SimilarityTransform(AffineFamily):
         a, b, tx, ty = params.unbind(1)
         return torch.stack([1 + a, -b, tx, b, 1 + a, ty], 1).view(-1, 2, 3)
 
+    def params(self, theta: Tensor) -> Tensor:
+        """The inverse of :meth:`theta` on similarity matrices: (N, 2, 3) -> (N, 4)."""
+        return torch.stack([theta[:, 0, 0] - 1, theta[:, 1, 0], theta[:, 0, 2], theta[:, 1, 2]], 1)
+
 
 class AffineTransform(AffineFamily):
     """θ = I + β (P = 6)."""
@@ -128,6 +132,27 @@ class AffineTransform(AffineFamily):
     def theta(self, params: Tensor) -> Tensor:
         eye = torch.eye(2, 3, dtype=params.dtype, device=params.device)
         return eye + params.view(-1, 2, 3)
+
+    def params(self, theta: Tensor) -> Tensor:
+        """The inverse of :meth:`theta`: (N, 2, 3) -> (N, 6)."""
+        return (theta - torch.eye(2, 3, dtype=theta.dtype, device=theta.device)).flatten(1)
+
+
+def rotate_params(module: Transformation, params: Tensor, turns: int) -> Tensor:
+    """Parameters of ``module`` that first rotate its input by each of ``turns`` angles 2πr/turns.
+
+    For a similarity or affine θ (output → input coordinates), rotating the input x first by
+    R_r (x_r(q) = x(R_r q)) and then warping gives x(R_r θ [p, 1]): the product R_r θ is again
+    a similarity (affine) matrix. params (N, P) -> (N, turns, P); r = 0 returns ``params``.
+    """
+    if not isinstance(module, SimilarityTransform | AffineTransform):
+        raise TypeError(f"rotate_params: {type(module).__name__} is not a similarity or affine")
+    angles = torch.arange(turns, dtype=params.dtype, device=params.device) * (2 * math.pi / turns)
+    cos, sin = angles.cos(), angles.sin()
+    rotations = torch.stack([cos, -sin, sin, cos], 1).view(turns, 2, 2)  # (R, 2, 2)
+    theta = module.theta(params)  # (N, 2, 3)
+    rotated = rotations[None] @ theta[:, None]  # (N, R, 2, 3)
+    return module.params(rotated.flatten(0, 1)).view(len(params), turns, -1)  # (N, R, P)
 
 
 class ProjectiveTransform(Transformation):

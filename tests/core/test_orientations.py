@@ -1,0 +1,86 @@
+"""Orientation candidates (``DTISprites(orientations=n)``): each sprite is also a candidate at n
+turns, folded exactly into its similarity / affine parameters."""
+
+import math
+
+import pytest
+import torch
+
+from dti_sprites.model import DTISprites
+from dti_sprites.transforms import AffineTransform, SimilarityTransform, rotate_params
+
+PIECE = torch.zeros(10, 10)
+PIECE[2:8, 3:5] = 1  # an L: a vertical bar and a foot (no rotational symmetry)
+PIECE[6:8, 5:8] = 1
+
+
+@pytest.mark.parametrize("family", [SimilarityTransform, AffineTransform])
+def test_turned_parameters_are_the_turn_times_the_predicted_matrix(family):
+    module = family((10, 10))
+    params = 0.3 * torch.randn(5, module.n_params, generator=torch.Generator().manual_seed(0))
+    turned = rotate_params(module, params, 8)  # (5, 8, P)
+    torch.testing.assert_close(turned[:, 0], params)
+    for r in range(8):
+        angle = 2 * math.pi * r / 8
+        rotation = torch.tensor(
+            [[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]]
+        )
+        torch.testing.assert_close(module.theta(turned[:, r]), rotation @ module.theta(params))
+
+
+def test_a_quarter_turn_renders_the_canvas_turned_a_quarter():
+    module = SimilarityTransform((10, 10))
+    canvas = PIECE[None, None, None]  # (N=1, S=1, C'=1, 10, 10)
+    turned = rotate_params(module, torch.zeros(1, 4), 4)  # identity, 1/4, 1/2, 3/4 turn
+    for r in range(4):
+        out = module(canvas, turned[:, r])[0, 0, 0]  # pixel centres map onto pixel centres
+        torch.testing.assert_close(out, torch.rot90(PIECE, r), atol=1e-5, rtol=0)
+
+
+def scene_model(orientations: int) -> DTISprites:
+    """One sprite, the L piece, at the initial placement (canvas on image pixels 5..14)."""
+    torch.manual_seed(0)
+    model = DTISprites(
+        image_size=20,
+        n_sprites=1,
+        n_layers=2,
+        n_backgrounds=0,
+        sprite_size=10,
+        mask_std=3,
+        sprite_transforms=["similarity"],
+        orientations=orientations,
+    ).eval()
+    with torch.no_grad():
+        model.sprites.mask.copy_(PIECE)
+    return model
+
+
+def test_the_selection_picks_the_orientation_that_explains_the_image():
+    image = torch.zeros(1, 3, 20, 20)
+    image[0, :, 5:15, 5:15] = 0.9 * torch.rot90(PIECE, 1)  # the piece turned a quarter, in grey
+    plain, turned = scene_model(0)(image), scene_model(4)(image)
+    assert plain.mse.item() > 0.01  # the upright piece cannot explain it
+    assert turned.mse.item() < 1e-8
+    assert turned.sprite_choice.tolist() == [[0, 0]]  # the sprite, not the candidate index
+    a, b = turned.params["sprite/similarity"][0, :, :2].unbind(-1)  # chosen: the quarter turn
+    torch.testing.assert_close(1 + a, torch.zeros(2), atol=1e-6, rtol=0)
+    torch.testing.assert_close(b, torch.ones(2), atol=1e-6, rtol=0)
+
+
+def test_orientations_are_off_while_the_similarity_is_inactive():
+    """Same weights, similarity switched off (curriculum): the plain model's decomposition."""
+    image = torch.rand(3, 3, 20, 20, generator=torch.Generator().manual_seed(1))
+    plain, turned = scene_model(0), scene_model(4)
+    turned.load_state_dict(plain.state_dict())  # no new parameter or buffer
+    for model in (plain, turned):
+        model.sprite_transforms.set_active(0)
+    a, b = plain(image), turned(image)
+    assert torch.equal(a.sprite_choice, b.sprite_choice)
+    torch.testing.assert_close(a.reconstruction, b.reconstruction, rtol=0, atol=0)
+
+
+def test_orientations_need_a_similarity_or_affine_first():
+    with pytest.raises(ValueError, match="orientations > 1 needs"):
+        DTISprites(image_size=20, sprite_size=10, sprite_transforms=["projective"], orientations=4)
+    with pytest.raises(ValueError, match="orientations > 1 needs"):
+        DTISprites(image_size=20, sprite_size=10, orientations=4)
