@@ -6,8 +6,9 @@
 #
 # Prints, and appends to benchmarks/RESULTS.md (or $DEVICE_CHECK_RESULTS) under a heading with
 # the date and the device name:
-#   1. benchmarks/train_step.py for tetrominoes, multidsprites and clevr6 at batch 32 and 128
-#      (images/s, peak GPU memory, encoder share), fp32;
+#   1. benchmarks/train_step.py for tetrominoes, multidsprites and clevr6 at batch 32 and 128,
+#      fp32 and bf16 autocast (images/s, peak GPU memory, encoder share); then with the encoder
+#      compiled (torch.compile), fp32 and bf16, at batch 32 for tetrominoes and clevr6;
 #   2. a short Tetrominoes training of the paper config and of the fast recipe through
 #      benchmarks/convergence.py: held-out ARI-FG / ARI / mACC / mIoU after a fixed number of
 #      steps, on generated data (no download).
@@ -32,11 +33,15 @@ fi
 if ((tiny)); then
   step_args=(--steps 1 --warmup 0)
   batches=(2)
+  compile_batch=2
+  compiled=(--config tetrominoes --encoder resnet8 --steps 1 --warmup 1)  # quick on a CPU
   train=(--steps 4 --every 2 --heldout 20 --generate 120 --data "$(mktemp -d)/tetrominoes.h5"
          -- --data.init_args.train_size=80 --data.init_args.batch_size=8)
 else
   step_args=(--steps 10 --warmup 3)
   batches=(32 128)
+  compile_batch=32
+  compiled=(--config tetrominoes clevr6 --steps 10 --warmup 3)
   train=(--steps 2000 --every 500 --heldout 1000 --generate 62000
          --data data/device_check/tetrominoes.h5)
 fi
@@ -49,8 +54,15 @@ log="$out/device_check.md"
   echo
   echo '```'
   for batch in "${batches[@]}"; do
-    "$python" benchmarks/train_step.py --config tetrominoes multidsprites clevr6 \
-      --batch "$batch" "${step_args[@]}" 2>&1 | grep -E '^(device|config)=' | sed "s/^/batch=$batch /"
+    for precision in 32 bf16; do
+      "$python" benchmarks/train_step.py --config tetrominoes multidsprites clevr6 \
+        --batch "$batch" --precision "$precision" "${step_args[@]}" 2>&1 |
+        grep -E '^(device|config)=' | sed "s/^/batch=$batch /"
+    done
+  done
+  for precision in 32 bf16; do
+    "$python" benchmarks/train_step.py "${compiled[@]}" --batch "$compile_batch" \
+      --precision "$precision" --compile 2>&1 | grep -E '^config=' | sed "s/^/batch=$compile_batch /"
   done
   for config in tetrominoes tetrominoes_fast; do
     "$python" benchmarks/convergence.py --config "$config" --seeds 0 --threads 4 \

@@ -1,7 +1,8 @@
 """Time full training steps of the paper's configurations.
 
     python benchmarks/train_step.py --config tetrominoes multidsprites clevr6 [--steps N]
-        [--threads T] [--batch B] [--warmup W] [--encoder resnet8]
+        [--threads T] [--batch B] [--warmup W] [--encoder resnet8] [--precision bf16]
+        [--compile]
 
 A step is what training does: forward (encoder, heads, rendering of every candidate, greedy
 selection), rendering of the selected sprites, MSE, backward and the config's Adam (with its
@@ -9,13 +10,17 @@ repeated encoder updates) — with every curriculum
 stage on, sprites unfrozen and mask noise on. The model comes from ``experiments/NAME.yaml``.
 Prints one line per config:
 
-    config=NAME img_per_s=X peak_mb=Y encoder_ratio=R
+    config=NAME precision=P compile=C img_per_s=X peak_mb=Y encoder_ratio=R
 
 ``encoder_ratio`` is the step time over the time of the encoder's own forward + backward + Adam
 step, measured in the same run (how much the sprite machinery costs on top of the CNN).
 ``--encoder`` replaces the config's encoder (the line then says ``config=NAME/ENCODER``).
 ``peak_mb`` is the peak GPU memory allocated on CUDA, the peak resident memory of the process
 on the CPU. Runs on the GPU when one is present (``--device cpu`` to force the CPU).
+``--precision bf16`` runs forward and loss under ``torch.autocast`` in bfloat16 (what
+``--trainer.precision=bf16-mixed`` does in training; parameters and Adam stay fp32).
+``--compile`` compiles the encoder with ``torch.compile`` (its compilation happens in the
+warm-up steps, untimed).
 """
 
 from __future__ import annotations
@@ -85,6 +90,8 @@ def benchmark(
     batch: int | None,
     device: torch.device,
     encoder: str | None = None,
+    precision: str = "32",
+    compile_encoder: bool = False,
 ) -> None:
     torch.manual_seed(0)
     module, default_batch = build(config, device, encoder)
@@ -93,9 +100,14 @@ def benchmark(
     size = model.image_size
     images = torch.rand(batch, 3, size, size, device=device)
     optimizer = module.configure_optimizers()  # the config's, e.g. repeated encoder updates
+    if compile_encoder:
+        model.encoder = torch.compile(model.encoder)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=precision == "bf16")
 
     def step() -> None:
-        loss = model(images).mse.mean()
+        with autocast:
+            loss = model(images).mse.float().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -103,7 +115,8 @@ def benchmark(
     encoder_optimizer = torch.optim.Adam(model.encoder.parameters(), lr=1e-4)
 
     def encoder_step() -> None:
-        loss = model.encoder(images).square().mean()
+        with autocast:
+            loss = model.encoder(images).float().square().mean()
         encoder_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         encoder_optimizer.step()
@@ -115,7 +128,8 @@ def benchmark(
     encoder_time = timed(encoder_step, steps, warmup, device)
     name = f"{config}/{encoder}" if encoder else config
     print(
-        f"config={name} img_per_s={batch / step_time:.1f} peak_mb={memory:.0f} "
+        f"config={name} precision={precision} compile={int(compile_encoder)} "
+        f"img_per_s={batch / step_time:.1f} peak_mb={memory:.0f} "
         f"encoder_ratio={step_time / encoder_time:.2f}",
         flush=True,
     )
@@ -132,6 +146,8 @@ def main() -> None:
     parser.add_argument(
         "--encoder", default=None, choices=get_args(EncoderName), help="default: the config's"
     )
+    parser.add_argument("--precision", choices=["32", "bf16"], default="32")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the encoder")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -142,7 +158,16 @@ def main() -> None:
             rest = [a for a in sys.argv[1:] if a not in args.config and a != "--config"]
             subprocess.run([sys.executable, __file__, "--config", config, *rest], check=True)
         return
-    benchmark(args.config[0], args.steps, args.warmup, args.batch, device, args.encoder)
+    benchmark(
+        args.config[0],
+        args.steps,
+        args.warmup,
+        args.batch,
+        device,
+        args.encoder,
+        args.precision,
+        args.compile,
+    )
 
 
 if __name__ == "__main__":

@@ -38,11 +38,10 @@ class Occlusion(nn.Module):
 
     def forward(self, features: Tensor) -> Tensor:
         b = len(features)
-        occ = self.fixed.to(features.dtype).expand(b, -1, -1)  # (B, L+1, L+1)
         if self.mode == "fixed" or self.n_layers < 2:
-            return occ
+            return self.fixed.to(features.dtype).expand(b, -1, -1)  # (B, L+1, L+1)
         lower = torch.sigmoid(self.head(features).view(b, -1))  # (B, L(L-1)/2)
-        occ = occ.clone()
+        occ = self.fixed.to(lower.dtype).expand(b, -1, -1).clone()  # (B, L+1, L+1)
         occ[:, self.rows, self.cols] = lower
         occ[:, self.cols, self.rows] = 1 - lower
         return occ

@@ -1,6 +1,15 @@
-"""The small model that the training tests share: 20×20 images, 3 sprites + empty, 2 layers,
-one background, predicted occlusion, a similarity per sprite and a colour per background.
-Tests change what they need with ``{**SMALL_MODEL, key: value}``."""
+"""Small models the tests share.
+
+``CONFIGS``: small versions of the paper's configurations (and the fast recipe's switches), for
+the model's own tests. ``SMALL_MODEL``: the small model that the training tests share: 20×20
+images, 3 sprites + empty, 2 layers, one background, predicted occlusion, a similarity per
+sprite and a colour per background. Tests change what they need with
+``{**SMALL_MODEL, key: value}``.
+"""
+
+import torch
+
+from dti_sprites.transforms import GroupedMLP
 
 SMALL_MODEL = dict(
     image_size=20,
@@ -15,3 +24,78 @@ SMALL_MODEL = dict(
     sprite_transforms=["similarity"],
     background_transforms=["color"],
 )
+
+
+# Small versions of the paper's configurations (docs/method.md §7).
+CONFIGS = {
+    "tetrominoes": dict(
+        image_size=20, n_sprites=4, n_layers=3, n_backgrounds=0, sprite_size=12, mask_std=3
+    ),
+    "multidsprites": dict(
+        image_size=16,
+        n_sprites=3,
+        n_layers=3,
+        n_backgrounds=1,
+        sprite_size=10,
+        mask_std=3,
+        empty_sprite=True,
+        pool=2,
+        sprite_transforms=["similarity"],
+        background_transforms=["color"],
+        occlusion="predicted",
+        greedy_passes=3,
+    ),
+    "multidsprites_orientations": dict(  # the fast recipe's orientation candidates
+        image_size=16,
+        n_sprites=3,
+        n_layers=3,
+        n_backgrounds=1,
+        sprite_size=10,
+        mask_std=3,
+        empty_sprite=True,
+        pool=2,
+        sprite_transforms=["similarity"],
+        background_transforms=["color"],
+        occlusion="predicted",
+        greedy_passes=3,
+        orientations=4,
+    ),
+    "clevr6": dict(
+        image_size=16,
+        n_sprites=3,
+        n_layers=3,
+        n_backgrounds=2,
+        sprite_size=10,
+        mask_std=3,
+        empty_sprite=True,
+        encoder="resnet18",
+        pool=2,
+        sprite_transforms=["projective"],
+        background_transforms=["color"],
+        occlusion="predicted",
+        greedy_passes=2,
+        background_init="mean",
+    ),
+    "gtsrb8": dict(
+        image_size=12,
+        n_sprites=3,
+        n_layers=1,
+        n_backgrounds=1,
+        sprite_size=12,
+        mask_std=3,
+        layer_transforms=[],
+        sprite_transforms=["color", "projective", "tps"],
+        background_transforms=["color", "projective", "tps"],
+    ),
+}
+
+
+def randomise_heads(model):
+    """Break the zero init of the last layers (and the identical sprites) so that every
+    parameter can get a gradient."""
+    torch.manual_seed(0)
+    model.sprites.appearance.data.uniform_()
+    for module in model.modules():
+        if isinstance(module, GroupedMLP):
+            module.weights[-1].data.normal_(0, 0.05)
+            module.biases[-1].data.normal_(0, 0.05)

@@ -34,7 +34,12 @@ def test_device_check_runs_on_the_cpu_and_appends_its_results(tmp_path):
     assert text.startswith("# Benchmark results\n")  # appended, nothing lost
     assert "### device_check.sh on cpu" in text
     for config in ("tetrominoes", "multidsprites", "clevr6"):  # one batch size in --tiny
-        assert re.search(rf"batch=2 config={config} img_per_s=[\d.]+ peak_mb=\d+", text)
+        for precision in ("32", "bf16"):
+            line = rf"batch=2 config={config} precision={precision} compile=0 img_per_s=[\d.]+"
+            assert re.search(line + r" peak_mb=\d+", text), (config, precision)
+    for precision in ("32", "bf16"):  # the compiled encoder (ResNet-8 in --tiny)
+        line = rf"batch=2 config=tetrominoes/resnet8 precision={precision} compile=1 img_per_s="
+        assert re.search(line, text), precision
     for config in ("tetrominoes", "tetrominoes_fast"):
         section = text.split(f"convergence {config} ")[1]
         # step 4: seconds, ARI-FG, ARI, mACC, mIoU, sprites in use

@@ -1,84 +1,10 @@
 import numpy as np
 import pytest
 import torch
+from small_model import CONFIGS, randomise_heads
 
 from dti_sprites.compose import compose
 from dti_sprites.model import Decomposition, DTISprites
-from dti_sprites.transforms import GroupedMLP
-
-# Small versions of the paper's configurations (docs/method.md §7).
-CONFIGS = {
-    "tetrominoes": dict(
-        image_size=20, n_sprites=4, n_layers=3, n_backgrounds=0, sprite_size=12, mask_std=3
-    ),
-    "multidsprites": dict(
-        image_size=16,
-        n_sprites=3,
-        n_layers=3,
-        n_backgrounds=1,
-        sprite_size=10,
-        mask_std=3,
-        empty_sprite=True,
-        pool=2,
-        sprite_transforms=["similarity"],
-        background_transforms=["color"],
-        occlusion="predicted",
-        greedy_passes=3,
-    ),
-    "multidsprites_orientations": dict(  # the fast recipe's orientation candidates
-        image_size=16,
-        n_sprites=3,
-        n_layers=3,
-        n_backgrounds=1,
-        sprite_size=10,
-        mask_std=3,
-        empty_sprite=True,
-        pool=2,
-        sprite_transforms=["similarity"],
-        background_transforms=["color"],
-        occlusion="predicted",
-        greedy_passes=3,
-        orientations=4,
-    ),
-    "clevr6": dict(
-        image_size=16,
-        n_sprites=3,
-        n_layers=3,
-        n_backgrounds=2,
-        sprite_size=10,
-        mask_std=3,
-        empty_sprite=True,
-        encoder="resnet18",
-        pool=2,
-        sprite_transforms=["projective"],
-        background_transforms=["color"],
-        occlusion="predicted",
-        greedy_passes=2,
-        background_init="mean",
-    ),
-    "gtsrb8": dict(
-        image_size=12,
-        n_sprites=3,
-        n_layers=1,
-        n_backgrounds=1,
-        sprite_size=12,
-        mask_std=3,
-        layer_transforms=[],
-        sprite_transforms=["color", "projective", "tps"],
-        background_transforms=["color", "projective", "tps"],
-    ),
-}
-
-
-def randomise_heads(model):
-    """Break the zero init of the last layers (and the identical sprites) so that every
-    parameter can get a gradient."""
-    torch.manual_seed(0)
-    model.sprites.appearance.data.uniform_()
-    for module in model.modules():
-        if isinstance(module, GroupedMLP):
-            module.weights[-1].data.normal_(0, 0.05)
-            module.biases[-1].data.normal_(0, 0.05)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
