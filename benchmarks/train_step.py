@@ -19,8 +19,8 @@ step, measured in the same run (how much the sprite machinery costs on top of th
 on the CPU. Runs on the GPU when one is present (``--device cpu`` to force the CPU).
 ``--precision bf16`` runs forward and loss under ``torch.autocast`` in bfloat16 (what
 ``--trainer.precision=bf16-mixed`` does in training; parameters and Adam stay fp32).
-``--compile`` compiles the encoder with ``torch.compile`` (its compilation happens in the
-warm-up steps, untimed).
+``--compile`` sets the model's ``compile`` switch: the encoder and the greedy selection
+compiled with ``torch.compile`` (the compilation happens in the warm-up steps, untimed).
 """
 
 from __future__ import annotations
@@ -44,12 +44,14 @@ EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
 
 def build(
-    config: str, device: torch.device, encoder: str | None = None
+    config: str, device: torch.device, encoder: str | None = None, compile: bool = False
 ) -> tuple[DTISpritesModule, int]:
     spec = yaml.safe_load((EXPERIMENTS / f"{config}.yaml").read_text())
     model_args = spec["model"]["model"]["init_args"]
     if encoder:
         model_args["encoder"] = encoder
+    if compile:
+        model_args["compile"] = True
     module_args = {k: v for k, v in spec["model"].items() if k != "model"}
     module = DTISpritesModule(DTISprites(**model_args), **module_args)
     model = module.model
@@ -94,14 +96,12 @@ def benchmark(
     compile_encoder: bool = False,
 ) -> None:
     torch.manual_seed(0)
-    module, default_batch = build(config, device, encoder)
+    module, default_batch = build(config, device, encoder, compile_encoder)
     batch = batch or default_batch
     model = module.model
     size = model.image_size
     images = torch.rand(batch, 3, size, size, device=device)
     optimizer = module.configure_optimizers()  # the config's, e.g. repeated encoder updates
-    if compile_encoder:
-        model.encoder = torch.compile(model.encoder)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     autocast = torch.autocast(device.type, dtype=dtype, enabled=precision == "bf16")
 
@@ -147,7 +147,7 @@ def main() -> None:
         "--encoder", default=None, choices=get_args(EncoderName), help="default: the config's"
     )
     parser.add_argument("--precision", choices=["32", "bf16"], default="32")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the encoder")
+    parser.add_argument("--compile", action="store_true", help="the model's compile switch")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

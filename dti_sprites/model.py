@@ -168,6 +168,9 @@ class DTISprites(nn.Module):
             with the sprite: the network only has to predict the rest of the rotation (under
             π/n). Not in the paper: a fast-recipe switch (docs/method.md §11); the selection
             scores n times more candidates. Off (0, 1) while that transformation is inactive.
+        compile: compile the encoder and the greedy selection with ``torch.compile`` (fused
+            kernels; the first steps pay the compilation). Same arithmetic up to floating-point
+            reassociation, so a near-tie may choose differently: off in the paper configs.
     """
 
     def __init__(
@@ -193,6 +196,7 @@ class DTISprites(nn.Module):
         background_value: float = 0.5,
         hidden: PositiveInt = 128,
         orientations: NonNegativeInt = 0,
+        compile: bool = False,
     ) -> None:
         config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
@@ -233,6 +237,10 @@ class DTISprites(nn.Module):
         ]  # the first one takes the orientation turns
         self._turned = geometric[0] if geometric and orientations > 1 else None
         self.orientations = int(orientations)
+        self._greedy = greedy_select
+        if compile:
+            self.encoder.compile()  # in place: the state dict keys stay the same
+            self._greedy = torch.compile(greedy_select, dynamic=False)
 
     @staticmethod
     def _check(args: dict) -> None:
@@ -503,7 +511,7 @@ class DTISprites(nn.Module):
                 image, rgb[:, 0], alpha[:, 0], backgrounds, penalty
             )
             return choice[:, None], bg_choice
-        return greedy_select(image, rgb, alpha, backgrounds, occ, self.greedy_passes, penalty)
+        return self._greedy(image, rgb, alpha, backgrounds, occ, self.greedy_passes, penalty)
 
     def forward(self, image: Tensor) -> Decomposition:
         """Decompose a batch (B, C, H, W) in [0, 1]."""
