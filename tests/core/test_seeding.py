@@ -268,6 +268,51 @@ def test_callback_records_split_merge_moves(tmp_path):
     torch.testing.assert_close(masks, PIECE.flatten().expand(3, -1), atol=1e-6, rtol=0)
 
 
+SQUARE = torch.zeros(10, 10)
+SQUARE[3:7, 3:7] = 1
+
+
+class PieceAndSquareData(DTIDataModule):
+    """Batches of 4: the L piece and a square in turn, at the initial placement."""
+
+    image_size = (20, 20)
+
+    def train_dataloader(self) -> DataLoader:
+        images = torch.zeros(16, 3, 20, 20)
+        for i in range(16):
+            images[i, :, 5:15, 5:15] = 0.9 * (PIECE if i % 2 == 0 else SQUARE)
+        return DataLoader([{"image": x} for x in images], batch_size=4)
+
+
+def test_split_merge_after_a_refit_reaches_the_masks(tmp_path):
+    """After the seeding, sprites 1 and 2 are emptied, so every layer chooses sprite 0: the
+    refit at step 4 makes it the mean of both shapes (a mixture). One split-merge move splits
+    it and puts the second shape into a freed sprite: both shapes are masks again."""
+    model = opaque_model()
+    seeding = SpriteSeeding(
+        at_step=2, collect_steps=1, refit_every=2, min_count=1, centre=False, split_merge_moves=1
+    )
+    mixtures = []
+
+    class OnlySpriteZero(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 2:
+                with torch.no_grad():
+                    pl_module.model.sprites.mask[1:] = 0
+            if trainer.global_step == 3:
+                mixtures.append(pl_module.model.sprites.mask.detach().clone())
+
+    train(tmp_path, model, [seeding, OnlySpriteZero()], steps=4, data=PieceAndSquareData())
+    refit = seeding.events[-1]
+    assert (refit["step"], refit["kind"], refit["refit"]) == (4, "refit", 1)
+    assert refit["moves"] == [(0, 1)]  # sprite 0 split, sprite 1 (empty) freed for a half
+    masks = model.sprites.mask.detach().flatten(1)  # (3, 100)
+    for shape in (PIECE, SQUARE):  # each shape is one of the masks
+        assert (masks - shape.flatten()).abs().max(1).values.min() < 1e-5
+    mixture = 0.5 * (PIECE + SQUARE).flatten()  # what the refit alone would have left
+    assert (masks - mixture).abs().max(1).values.min() > 0.4
+
+
 class TurnedPieceData(DTIDataModule):
     """Batches of 4: the piece at two right angles alone, and twice touching a dark frame."""
 
