@@ -24,6 +24,7 @@ from dti_sprites.compose import (
     label_maps,
 )
 from dti_sprites.encoders import Encoder, EncoderName
+from dti_sprites.io import atomic_write
 from dti_sprites.sprites import BackgroundInit, Backgrounds, SpriteBank, softclip
 from dti_sprites.transforms import (
     TRANSFORM_NAMES,
@@ -279,7 +280,8 @@ class DTISprites(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location: str = "cpu") -> DTISprites:
-        """Rebuild a trained model from a training checkpoint (no config needed)."""
+        """Rebuild a trained model from a training checkpoint, or from the weights file of
+        :meth:`save_weights` (no config needed)."""
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
         if "dti_sprites_model" not in checkpoint:
             raise ValueError(f"{path}: not a dti-sprites training checkpoint")
@@ -290,6 +292,14 @@ class DTISprites(nn.Module):
         }
         model.load_state_dict(state)
         return model.eval()
+
+    def save_weights(self, path: str | Path) -> None:
+        """Write the weights alone (no optimizer, callback or training state), in the layout
+        :meth:`from_checkpoint` reads: the init arguments and the state dict (buffers included,
+        so the layer count in use and the frozen flag come back). Written atomically."""
+        state = {f"model.{k}": v.detach().cpu().clone() for k, v in self.state_dict().items()}
+        with atomic_write(path) as tmp:
+            torch.save({"dti_sprites_model": self.config, "state_dict": state}, tmp)
 
     # ----------------------------------------------------------------------------- schedule
     @property
