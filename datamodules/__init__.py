@@ -1,4 +1,4 @@
-"""DataModules, the TensorFlow-free TFRecord reader and the dataset converter."""
+"""The DataModules and the dataset table; the offline pipeline (TFRecord -> HDF5) is ``pipeline``."""
 
 from dti_sprites.datamodules.base import DTIDataModule
 from dti_sprites.datamodules.images import (

@@ -140,7 +140,7 @@ class MultiObjectDataModule(DTIDataModule):
         download: in ``prepare_data``, when ``path`` is missing, fetch the public TFRecord
             next to it and convert it (``download_base_url`` + docs/method.md §8 path).
         generate: in ``prepare_data``, when ``path`` is missing and this is > 0, write that
-            many synthetic records (``synth.write_synthetic``) and convert them (CLEVR6
+            many synthetic records (``pipeline.synth.write_synthetic``) and convert them (CLEVR6
             keeps the scenes that pass its filter, so fewer). Exclusive with ``download``.
         seed: seed of the synthetic data.
         predict_split: what ``predict_dataloader`` iterates.
@@ -218,8 +218,8 @@ class MultiObjectDataModule(DTIDataModule):
         if self.path.exists():
             return
         if self.download:
-            from dti_sprites.datamodules.convert import convert
-            from dti_sprites.datamodules.download import download
+            from dti_sprites.datamodules.pipeline.convert import convert
+            from dti_sprites.datamodules.pipeline.download import download
 
             tfrecord = download(
                 self.dataset_name,
@@ -230,8 +230,8 @@ class MultiObjectDataModule(DTIDataModule):
             )
             convert(self.dataset_name, tfrecord, self.path, variant=self.variant)
         elif self.generate > 0:
-            from dti_sprites.datamodules.convert import convert
-            from dti_sprites.datamodules.synth import write_synthetic
+            from dti_sprites.datamodules.pipeline.convert import convert
+            from dti_sprites.datamodules.pipeline.synth import write_synthetic
 
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=self.path.parent, prefix=".synth-") as tmp:
@@ -428,7 +428,8 @@ class CLEVR6DataModule(MultiObjectDataModule):
     """CLEVR6 (128×128 after the docs/method.md §8 crop and resize; ≤ 6 objects).
 
     Semantic classes: background + shape × material (cube, sphere, cylinder × rubber, metal) =
-    7, as the converter writes ``semantic`` (``decode.entity_classes``) and as the authors count.
+    7, as the converter writes ``semantic`` (``pipeline.decode.entity_classes``) and as the
+    authors count.
     """
 
     dataset_name = "clevr6"

@@ -39,9 +39,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from dti_sprites.datamodules.catalog import DatasetInfo, Protocol, Schema, dataset_info
-from dti_sprites.datamodules.decode import decode_example, entity_classes, entity_first_masks
-from dti_sprites.datamodules.hdf5 import HDF5Writer
-from dti_sprites.datamodules.tf_example import iter_examples
+from dti_sprites.datamodules.pipeline.decode import decode_example, entity_classes, entity_first_masks
+from dti_sprites.datamodules.pipeline.hdf5_writer import HDF5Writer
+from dti_sprites.datamodules.pipeline.tf_example import iter_examples
 
 __all__ = ["CONVERTER_VERSION", "ConversionSummary", "convert"]
 
@@ -374,6 +374,6 @@ def _provenance(
         "semantic": info.semantic,
         "num_semantic_classes": classes,  # background included
         "visibility": "as stored" if stored else "derived: 1 where the entity's mask is non-empty",
-        "converter": "dti_sprites.datamodules.convert",
+        "converter": "dti_sprites.datamodules.pipeline.convert",
         "converter_version": CONVERTER_VERSION,
     }

@@ -24,8 +24,8 @@ from typing import BinaryIO, Literal
 import numpy as np
 
 from dti_sprites.datamodules.catalog import Schema, get_schema
-from dti_sprites.datamodules.tf_example import FeatureValue, encode_example
-from dti_sprites.datamodules.tfrecord import frame_record
+from dti_sprites.datamodules.pipeline.tf_example import FeatureValue, encode_example
+from dti_sprites.datamodules.pipeline.tfrecord import frame_record
 from dti_sprites.io import atomic_write
 
 __all__ = [
