@@ -1,4 +1,4 @@
-"""The DataModules and the dataset table; the offline pipeline (TFRecord -> HDF5) is ``pipeline``."""
+"""The DataModules and the dataset table; the offline pipeline (TFRecord -> HDF5): ``pipeline``."""
 
 from dti_sprites.datamodules.base import DTIDataModule
 from dti_sprites.datamodules.images import (

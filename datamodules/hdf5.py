@@ -29,9 +29,9 @@ from typing import Any
 import h5py
 import numpy as np
 import torch
-from torch import Tensor
 from torch.utils.data import Dataset
 
+from dti_sprites.datamodules.base import Sample
 from dti_sprites.io import DataSourceError
 
 __all__ = [
@@ -40,8 +40,6 @@ __all__ = [
     "check_file",
     "read_attr",
 ]
-
-Sample = dict[str, Tensor]
 
 _MAP_KEYS = {"mask": "instance label map", "semantic": "semantic label map"}
 

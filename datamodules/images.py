@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
-from dti_sprites.datamodules.base import DTIDataModule
+from dti_sprites.datamodules.base import DTIDataModule, Sample, check_names
 from dti_sprites.datamodules.image_files import (
     IMAGE_EXTENSIONS,
     ImageReadError,
@@ -45,11 +45,7 @@ from dti_sprites.datamodules.image_files import (
     pair_masks,
     require,
 )
-from dti_sprites.datamodules.resumable import (
-    ResumableDataLoader,
-    evaluation_loader,
-    training_loader,
-)
+from dti_sprites.datamodules.resumable import ResumableDataLoader
 
 __all__ = [
     "GTSRB8_CLASSES",
@@ -62,9 +58,6 @@ __all__ = [
 GTSRB8_CLASSES: tuple[int, ...] = (3, 7, 9, 11, 17, 18, 25, 35)
 """GTSRB class ids kept by GTSRB-8 (docs/method.md §7); class ``GTSRB8_CLASSES[i]`` gets label
 ``i``."""
-
-Sample = dict[str, Tensor]
-
 
 Loader = Callable[[ImageRecord], tuple[Tensor, Tensor | None]]
 
@@ -219,22 +212,10 @@ class _SingleObjectDataModule(DTIDataModule):
         eval_protocols: tuple[str, ...] = ("train",),
         shuffle_seed: int | None = None,
     ) -> None:
-        super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        unknown = [p for p in eval_protocols if p not in self._protocols]
-        if not eval_protocols or unknown or len(set(eval_protocols)) != len(eval_protocols):
-            raise ValueError(
-                f"eval_protocols must be distinct names among {self._protocols},"
-                f" got {tuple(eval_protocols)}"
-            )
+        super().__init__(batch_size, num_workers, shuffle_seed)  # checks batch_size, num_workers
+        check_names("eval_protocols", eval_protocols, self._protocols)
         self.root = Path(root)
-        self.batch_size = batch_size
-        self.num_workers = num_workers
         self.eval_protocols = tuple(eval_protocols)
-        self.shuffle_seed = shuffle_seed
         self._splits: dict[str, Dataset[Sample]] = {}
         self._train: Dataset[Sample] | None = None
         self.save_hyperparameters()  # with the arguments of the subclasses' __init__
@@ -268,30 +249,22 @@ class _SingleObjectDataModule(DTIDataModule):
         if not getattr(self, "download", False):
             self.setup(stage)
 
-    def _loader(self, dataset: Dataset[Sample]) -> DataLoader[Sample]:
-        return evaluation_loader(dataset, self.batch_size, self.num_workers)
-
     def train_dataloader(self) -> ResumableDataLoader:
         """Shuffled batches of the training set (``batch_size`` per process, this process's
         shard), resumable mid-epoch (:mod:`dti_sprites.datamodules.resumable`)."""
-        return training_loader(
-            self.train_set(), self.batch_size, self.num_workers, self.shuffle_seed, self.trainer
-        )
-
-    def _eval_loaders(self) -> list[DataLoader[Sample]]:
-        return [self._loader(self.split(p)) for p in self.eval_protocols]
+        return self._train_loader(self.train_set())
 
     def val_dataloader(self) -> list[DataLoader[Sample]]:
         """One unshuffled loader per name in ``eval_protocols``, in that order."""
-        return self._eval_loaders()
+        return [self._eval_loader(self.split(p)) for p in self.eval_protocols]
 
     def test_dataloader(self) -> list[DataLoader[Sample]]:
         """Same loaders as :meth:`val_dataloader`."""
-        return self._eval_loaders()
+        return self.val_dataloader()
 
     def predict_dataloader(self) -> DataLoader[Sample]:
         """The first evaluation split (``eval_protocols[0]``) in order, unshuffled."""
-        return self._loader(self.split(self.eval_protocols[0]))
+        return self._eval_loader(self.split(self.eval_protocols[0]))
 
     def init_images(self, n: int = 100) -> Tensor:
         """The first ``min(n, N)`` training images in split order: (n, 3, H, W) float32, [0, 1]."""
@@ -443,9 +416,7 @@ class SVHNDataModule(_SingleObjectDataModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(root, batch_size, eval_protocols=eval_protocols, **kwargs)
-        allowed = self._protocols
-        if not splits or any(s not in allowed for s in splits) or len(set(splits)) != len(splits):
-            raise ValueError(f"splits must be distinct names among {allowed}, got {splits}")
+        check_names("splits", splits, self._protocols)
         self.image_size = (32, 32)
         self.num_classes = 10
         self._train_splits = tuple(splits)
