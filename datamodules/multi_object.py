@@ -133,7 +133,8 @@ class MultiObjectDataModule(DTIDataModule):
             range of that size).
         in_memory: read each split into uint8 numpy arrays at ``setup``.
         download: in ``prepare_data``, when ``path`` is missing, fetch the public TFRecord
-            next to it and convert it (``download_base_url`` + docs/method.md §8 path).
+            next to it and convert it (``download_base_url`` + the ``source`` path of its
+            ``catalog`` schema).
         generate: in ``prepare_data``, when ``path`` is missing and this is > 0, write that
             many synthetic records (``pipeline.synth.write_synthetic``) and convert them (CLEVR6
             keeps the scenes that pass its filter, so fewer). Exclusive with ``download``.
