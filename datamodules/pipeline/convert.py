@@ -1,7 +1,8 @@
 """Convert DeepMind multi-object TFRecords to one HDF5 file per dataset (no TensorFlow).
 
-The file has the dataset layout of ``hdf5`` (written with ``hdf5.HDF5Writer``), filled as
-follows (N converted records, E entities, H×W after the protocol):
+The file has the dataset layout of :mod:`dti_sprites.datamodules.hdf5` (written with
+``hdf5_writer.HDF5Writer``), filled as follows (N converted records, E entities, H×W after the
+protocol):
 
 - ``image``         (N, H, W, 3) uint8 (binarized Multi-dSprites: the grey channel repeated)
 - ``mask``          (N, H, W) uint8 label map: 0 = background (entity 0), k = entity k
