@@ -40,7 +40,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from dti_sprites.datamodules.catalog import DatasetInfo, Protocol, Schema, dataset_info
-from dti_sprites.datamodules.pipeline.decode import decode_example, entity_classes, entity_first_masks
+from dti_sprites.datamodules.pipeline.decode import (
+    decode_example,
+    entity_classes,
+    entity_first_masks,
+)
 from dti_sprites.datamodules.pipeline.hdf5_writer import HDF5Writer
 from dti_sprites.datamodules.pipeline.tf_example import iter_examples
 

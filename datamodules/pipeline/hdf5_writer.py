@@ -30,7 +30,6 @@ class _Discard(Exception):
     """Ends the atomic write of an :class:`HDF5Writer` without keeping the file."""
 
 
-
 class HDF5Writer:
     """Appends batches of rows to datasets at the root of a new HDF5 file, atomically.
 
@@ -119,4 +118,3 @@ class HDF5Writer:
         tb: TracebackType | None,
     ) -> None:
         self.close(commit=kind is None)
-

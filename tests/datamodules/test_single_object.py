@@ -11,9 +11,9 @@ import scipy.io
 import torch
 from PIL import Image
 
-from dti_sprites.datamodules.image_files import ImageReadError
 from dti_sprites.datamodules.gtsrb import GTSRB8_CLASSES, GTSRB8DataModule
 from dti_sprites.datamodules.horse import WeizmannHorseDataModule
+from dti_sprites.datamodules.image_files import ImageReadError
 from dti_sprites.datamodules.image_folder import ImageFolderDataModule
 from dti_sprites.datamodules.svhn import SVHNDataModule
 
