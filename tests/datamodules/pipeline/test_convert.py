@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dti_sprites.datamodules import convert as convert_module
 from dti_sprites.datamodules.catalog import SCHEMAS, dataset_info, get_schema
+from dti_sprites.datamodules.pipeline import convert as convert_module
 from dti_sprites.datamodules.pipeline.convert import convert
 from dti_sprites.datamodules.pipeline.decode import decode_example, entity_classes
 from dti_sprites.datamodules.pipeline.synth import synthesize, write_examples, write_synthetic
