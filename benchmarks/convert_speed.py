@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from dti_sprites.datamodules.convert import convert
-from dti_sprites.datamodules.synth import write_synthetic
-from dti_sprites.datamodules.tfrecord import CRC32C_BACKEND
+from dti_sprites.datamodules.pipeline.convert import convert
+from dti_sprites.datamodules.pipeline.synth import write_synthetic
+from dti_sprites.datamodules.pipeline.tfrecord import CRC32C_BACKEND
 
 
 def _one_core() -> None:

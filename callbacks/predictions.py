@@ -8,16 +8,16 @@ import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from dti_sprites.callbacks.run_dir import run_dir
-from dti_sprites.datamodules.hdf5 import HDF5Writer
+from dti_sprites.datamodules.pipeline.hdf5_writer import HDF5Writer
 
 
 class PredictionWriter(BasePredictionWriter):
     """Writes ``predict`` results to ``<run dir>/predictions.h5`` (``filename``).
 
     The file is written under ``<name>.partial`` and renamed when prediction ends (see
-    ``hdf5.HDF5Writer``): a failed run keeps the previous file. With several processes each rank
-    writes ``predictions.rank<r>.h5`` with an ``index`` dataset (position in the predicted
-    split) so the files can be merged.
+    ``pipeline.hdf5_writer.HDF5Writer``): a failed run keeps the previous file. With several
+    processes each rank writes ``predictions.rank<r>.h5`` with an ``index`` dataset (position in
+    the predicted split) so the files can be merged.
     """
 
     def __init__(self, filename: str = "predictions.h5") -> None:

@@ -1,8 +1,9 @@
 """Image files on disk -> uint8 tensors: finding, decoding, mask pairing and resizing.
 
-Used by the single-object DataModules (``images``) and by ``dti-sprites-decompose``. Images are
-decoded completely with EXIF orientation applied and converted to RGB; masks are binarised (any
-channel above a threshold is the object) and resized with nearest so they stay binary.
+Used by the single-object DataModules (``single_object`` and its subclasses) and by
+``dti-sprites-decompose``. Images are decoded completely with EXIF orientation applied and
+converted to RGB; masks are binarised (any channel above a threshold is the object) and resized
+with nearest so they stay binary.
 """
 
 from __future__ import annotations

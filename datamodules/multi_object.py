@@ -41,14 +41,10 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from dti_sprites.datamodules.base import DTIDataModule
+from dti_sprites.datamodules.base import DTIDataModule, Sample
 from dti_sprites.datamodules.catalog import BASE_URL, dataset_info
 from dti_sprites.datamodules.hdf5 import MultiObjectHDF5Dataset, check_file, read_attr
-from dti_sprites.datamodules.resumable import (
-    ResumableDataLoader,
-    evaluation_loader,
-    training_loader,
-)
+from dti_sprites.datamodules.resumable import ResumableDataLoader
 from dti_sprites.io import MissingDataError
 
 __all__ = [
@@ -63,7 +59,6 @@ __all__ = [
 
 PredictSplit = Literal["paper320", "heldout", "train"]
 MultiDSpritesVariant = Literal["colored_on_grayscale", "colored_on_colored", "binarized"]
-Sample = dict[str, Tensor]
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,9 +133,10 @@ class MultiObjectDataModule(DTIDataModule):
             range of that size).
         in_memory: read each split into uint8 numpy arrays at ``setup``.
         download: in ``prepare_data``, when ``path`` is missing, fetch the public TFRecord
-            next to it and convert it (``download_base_url`` + docs/method.md §8 path).
+            next to it and convert it (``download_base_url`` + the ``source`` path of its
+            ``catalog`` schema).
         generate: in ``prepare_data``, when ``path`` is missing and this is > 0, write that
-            many synthetic records (``synth.write_synthetic``) and convert them (CLEVR6
+            many synthetic records (``pipeline.synth.write_synthetic``) and convert them (CLEVR6
             keeps the scenes that pass its filter, so fewer). Exclusive with ``download``.
         seed: seed of the synthetic data.
         predict_split: what ``predict_dataloader`` iterates.
@@ -169,7 +165,7 @@ class MultiObjectDataModule(DTIDataModule):
         download_base_url: str = BASE_URL,
         shuffle_seed: int | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size, num_workers, shuffle_seed)  # checks batch_size, num_workers
         info = dataset_info(self.dataset_name)
         schema = info.schema(self.variant)  # checks the variant
         train_size = info.train_size if train_size is None else train_size
@@ -181,15 +177,10 @@ class MultiObjectDataModule(DTIDataModule):
             raise ValueError(
                 f"predict_split={predict_split!r}, expected 'paper320', 'heldout' or 'train'"
             )
-        if batch_size < 1 or num_workers < 0 or generate < 0:
-            raise ValueError(
-                f"batch_size must be >= 1, num_workers and generate >= 0 (got {batch_size}, "
-                f"{num_workers}, {generate})"
-            )
+        if generate < 0:
+            raise ValueError(f"generate must be >= 0, got {generate}")
         plan_splits(train_size, train_size, paper_eval_size, heldout_size, heldout_offset)  # checks
         self.path = Path("data") / info.h5_name(self.variant) if path is None else Path(path)
-        self.batch_size = batch_size
-        self.num_workers = num_workers
         self.train_size = train_size
         self.paper_eval_size = paper_eval_size
         self.heldout_size = heldout_size
@@ -200,7 +191,6 @@ class MultiObjectDataModule(DTIDataModule):
         self.seed = seed
         self.predict_split: PredictSplit = predict_split
         self.download_base_url = download_base_url
-        self.shuffle_seed = shuffle_seed
         self.image_channels = (1, 3) if schema.channels == 1 else (3,)  # grey: made RGB
         self.image_size = info.image_size
         self.has_semantic = info.num_semantic_classes > 0
@@ -218,8 +208,8 @@ class MultiObjectDataModule(DTIDataModule):
         if self.path.exists():
             return
         if self.download:
-            from dti_sprites.datamodules.convert import convert
-            from dti_sprites.datamodules.download import download
+            from dti_sprites.datamodules.pipeline.convert import convert
+            from dti_sprites.datamodules.pipeline.download import download
 
             tfrecord = download(
                 self.dataset_name,
@@ -230,8 +220,8 @@ class MultiObjectDataModule(DTIDataModule):
             )
             convert(self.dataset_name, tfrecord, self.path, variant=self.variant)
         elif self.generate > 0:
-            from dti_sprites.datamodules.convert import convert
-            from dti_sprites.datamodules.synth import write_synthetic
+            from dti_sprites.datamodules.pipeline.convert import convert
+            from dti_sprites.datamodules.pipeline.synth import write_synthetic
 
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=self.path.parent, prefix=".synth-") as tmp:
@@ -336,23 +326,15 @@ class MultiObjectDataModule(DTIDataModule):
                 )
         return self._datasets[split]
 
-    def _loader(self, split: PredictSplit) -> DataLoader:
-        return evaluation_loader(self.dataset(split), self.batch_size, self.num_workers)
-
     def train_dataloader(self) -> ResumableDataLoader:
         """Shuffled training records (uint8 until ``on_after_batch_transfer``), this process's
         shard, resumable mid-epoch (:mod:`dti_sprites.datamodules.resumable`)."""
-        return training_loader(
-            self.dataset("train"),
-            self.batch_size,
-            self.num_workers,
-            self.shuffle_seed,
-            getattr(self, "trainer", None),
-        )
+        return self._train_loader(self.dataset("train"))
 
     def val_dataloader(self) -> list[DataLoader]:
         """One loader per name in ``eval_protocols``: ``[paper320, heldout]``."""
-        return [self._loader(name) for name in self.eval_protocols]  # type: ignore[arg-type]
+        datasets = [self.dataset(name) for name in self.eval_protocols]  # type: ignore[arg-type]
+        return [self._eval_loader(dataset) for dataset in datasets]
 
     def test_dataloader(self) -> list[DataLoader]:
         """Same as validation: ``[paper320, heldout]``."""
@@ -360,7 +342,7 @@ class MultiObjectDataModule(DTIDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         """The ``predict_split`` records in order."""
-        return self._loader(self.predict_split)
+        return self._eval_loader(self.dataset(self.predict_split))
 
     def on_after_batch_transfer(self, batch: Sample, dataloader_idx: int) -> Sample:
         """uint8 batch -> base.py contract: image (B, 3, H, W) float32 in [0, 1], maps int64."""
@@ -428,7 +410,8 @@ class CLEVR6DataModule(MultiObjectDataModule):
     """CLEVR6 (128×128 after the docs/method.md §8 crop and resize; ≤ 6 objects).
 
     Semantic classes: background + shape × material (cube, sphere, cylinder × rubber, metal) =
-    7, as the converter writes ``semantic`` (``decode.entity_classes``) and as the authors count.
+    7, as the converter writes ``semantic`` (``pipeline.decode.entity_classes``) and as the
+    authors count.
     """
 
     dataset_name = "clevr6"

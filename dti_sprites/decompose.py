@@ -48,12 +48,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dti_sprites.datamodules.hdf5 import (
-    HDF5FormatError,
-    HDF5Writer,
-    MultiObjectHDF5Dataset,
-    check_file,
-)
+from dti_sprites.datamodules.hdf5 import HDF5FormatError, MultiObjectHDF5Dataset, check_file
 from dti_sprites.datamodules.image_files import (
     IMAGE_EXTENSIONS,
     ImageReadError,
@@ -61,6 +56,7 @@ from dti_sprites.datamodules.image_files import (
     find_images,
     load_record,
 )
+from dti_sprites.datamodules.pipeline.hdf5_writer import HDF5Writer
 from dti_sprites.model import Decomposition, DTISprites
 
 __all__ = ["DecomposeError", "decompose", "image_batches", "main", "png_outputs"]

@@ -52,8 +52,8 @@ def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
     ``path`` keeps its previous content (or stays absent). The parent folder is created; a stale
     temporary file left by a killed process is overwritten.
 
-    A writer that stays open across calls (``datamodules.hdf5.HDF5Writer``) holds the block
-    open in a :class:`contextlib.ExitStack`.
+    A writer that stays open across calls (``datamodules.pipeline.hdf5_writer.HDF5Writer``)
+    holds the block open in a :class:`contextlib.ExitStack`.
 
     Example::
 

@@ -6,8 +6,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from dti_sprites.datamodules.base import DTIDataModule
-from dti_sprites.datamodules.convert import convert
-from dti_sprites.datamodules.synth import write_synthetic
+from dti_sprites.datamodules.pipeline.convert import convert
+from dti_sprites.datamodules.pipeline.synth import write_synthetic
 
 
 @pytest.fixture

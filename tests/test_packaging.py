@@ -1,4 +1,5 @@
-"""The wheel installs datamodules/ and callbacks/ under dti_sprites (no generic top-level names)."""
+"""The wheel installs datamodules/ (with pipeline/) and callbacks/ under dti_sprites (no generic
+top-level names)."""
 
 import subprocess
 import sys
@@ -31,7 +32,7 @@ def test_wheel_maps_datamodules_and_callbacks_under_dti_sprites(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert tops == {"dti_sprites"}
-    for folder in ("datamodules", "callbacks"):
+    for folder in ("datamodules", "datamodules/pipeline", "callbacks"):
         expected = {f"dti_sprites/{folder}/{p.name}" for p in (ROOT / folder).glob("*.py")}
         assert expected <= set(names)
     entry_points = (

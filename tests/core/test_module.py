@@ -7,7 +7,7 @@ import torch
 from small_model import SMALL_MODEL
 
 from dti_sprites.callbacks import PredictionWriter
-from dti_sprites.datamodules.hdf5 import HDF5Writer
+from dti_sprites.datamodules.pipeline.hdf5_writer import HDF5Writer
 from dti_sprites.io import partial_path
 from dti_sprites.model import DTISprites
 from dti_sprites.module import DTISpritesModule

@@ -548,7 +548,7 @@ ROUND_TRIPS = [
 def test_generate_round_trip(
     tmp_path: Path, cls: type[MultiObjectDataModule], variant: str | None, n: int, entities: int
 ) -> None:
-    from dti_sprites.datamodules.synth import synthesize
+    from dti_sprites.datamodules.pipeline.synth import synthesize
 
     path = tmp_path / "data" / "generated.h5"
     extra = {} if variant is None else {"variant": variant}
@@ -610,7 +610,7 @@ def test_prepare_data_downloads_when_allowed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from dti_sprites.datamodules.catalog import get_schema
-    from dti_sprites.datamodules.synth import write_synthetic
+    from dti_sprites.datamodules.pipeline.synth import write_synthetic
 
     for name in ("http_proxy", "HTTP_PROXY", "all_proxy"):
         monkeypatch.delenv(name, raising=False)

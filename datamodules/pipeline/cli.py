@@ -18,8 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dti_sprites.datamodules.catalog import DATASETS, VARIANTS
-from dti_sprites.datamodules.convert import convert
-from dti_sprites.datamodules.synth import write_synthetic
+from dti_sprites.datamodules.pipeline.convert import convert
+from dti_sprites.datamodules.pipeline.synth import write_synthetic
 
 __all__ = ["build_parser", "main"]
 
@@ -40,7 +40,8 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _download(args: argparse.Namespace) -> int:
-    from dti_sprites.datamodules.download import download  # written separately; imported lazily
+    # imported lazily: only this command needs requests, urllib3 and filelock
+    from dti_sprites.datamodules.pipeline.download import download
 
     if args.base_url is None:
         path = download(args.dataset, args.root, variant=args.variant, convert_after=True)

@@ -24,8 +24,8 @@ from typing import BinaryIO, Literal
 import numpy as np
 
 from dti_sprites.datamodules.catalog import Schema, get_schema
-from dti_sprites.datamodules.tf_example import FeatureValue, encode_example
-from dti_sprites.datamodules.tfrecord import frame_record
+from dti_sprites.datamodules.pipeline.tf_example import FeatureValue, encode_example
+from dti_sprites.datamodules.pipeline.tfrecord import frame_record
 from dti_sprites.io import atomic_write
 
 __all__ = [
@@ -51,10 +51,10 @@ Record = dict[str, np.ndarray]
 # Tetrominoes
 # --------------------------------------------------------------------------------------------
 
-# The dataset's shape ids. 2, 3, 5-7, 9-19 are seen in the real records (docs/method.md §8); the
-# three missing ones follow the dataset's grouping: 1-2 I, 3-6 the 3-wide L/J, 7-10 the 2-wide
-# L/J, 11-14 S/Z, 15-18 T, 19 O. So 1 is the horizontal I, 4 the 3-wide J `#../###` and 8 the
-# 2-wide J `.#/.#/##`.
+# The dataset's shape ids. 2, 3, 5-7, 9-19 are seen in the real records; the three missing ones
+# follow the dataset's grouping: 1-2 I, 3-6 the 3-wide L/J, 7-10 the 2-wide L/J, 11-14 S/Z,
+# 15-18 T, 19 O. So 1 is the horizontal I, 4 the 3-wide J `#../###` and 8 the 2-wide J
+# `.#/.#/##`.
 TETROMINO_SHAPES: dict[int, tuple[str, ...]] = {
     1: ("####",),
     2: ("#", "#", "#", "#"),

@@ -1,7 +1,8 @@
 """Convert DeepMind multi-object TFRecords to one HDF5 file per dataset (no TensorFlow).
 
-The file has the dataset layout of ``hdf5`` (written with ``hdf5.HDF5Writer``), filled as
-follows (N converted records, E entities, H×W after the protocol):
+The file has the dataset layout of :mod:`dti_sprites.datamodules.hdf5` (written with
+``hdf5_writer.HDF5Writer``), filled as follows (N converted records, E entities, H×W after the
+protocol):
 
 - ``image``         (N, H, W, 3) uint8 (binarized Multi-dSprites: the grey channel repeated)
 - ``mask``          (N, H, W) uint8 label map: 0 = background (entity 0), k = entity k
@@ -39,9 +40,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from dti_sprites.datamodules.catalog import DatasetInfo, Protocol, Schema, dataset_info
-from dti_sprites.datamodules.decode import decode_example, entity_classes, entity_first_masks
-from dti_sprites.datamodules.hdf5 import HDF5Writer
-from dti_sprites.datamodules.tf_example import iter_examples
+from dti_sprites.datamodules.pipeline.decode import (
+    decode_example,
+    entity_classes,
+    entity_first_masks,
+)
+from dti_sprites.datamodules.pipeline.hdf5_writer import HDF5Writer
+from dti_sprites.datamodules.pipeline.tf_example import iter_examples
 
 __all__ = ["CONVERTER_VERSION", "ConversionSummary", "convert"]
 
@@ -374,6 +379,6 @@ def _provenance(
         "semantic": info.semantic,
         "num_semantic_classes": classes,  # background included
         "visibility": "as stored" if stored else "derived: 1 where the entity's mask is non-empty",
-        "converter": "dti_sprites.datamodules.convert",
+        "converter": "dti_sprites.datamodules.pipeline.convert",
         "converter_version": CONVERTER_VERSION,
     }

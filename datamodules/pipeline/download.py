@@ -88,7 +88,7 @@ def download(
     if not convert_after:
         return tfrecord
 
-    from dti_sprites.datamodules.convert import convert
+    from dti_sprites.datamodules.pipeline.convert import convert
 
     out = root / info.h5_name(variant)
     if out.exists():

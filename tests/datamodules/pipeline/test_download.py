@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from dti_sprites.datamodules.catalog import get_schema
-from dti_sprites.datamodules.download import DownloadError, download, fetch
+from dti_sprites.datamodules.pipeline.download import DownloadError, download, fetch
 
 
 @dataclass
@@ -272,7 +272,7 @@ def test_download_without_conversion_places_the_tfrecord_in_root(tmp_path: Path)
 
 
 def test_download_converts_and_a_second_call_is_free(tmp_path: Path) -> None:
-    from dti_sprites.datamodules.synth import write_synthetic
+    from dti_sprites.datamodules.pipeline.synth import write_synthetic
 
     tfrecord = write_synthetic("tetrominoes", tmp_path / "src.tfrecords", n=12, seed=1)
     rel = get_schema("tetrominoes").source

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 from dti_sprites.datamodules.catalog import get_schema
-from dti_sprites.datamodules.decode import decode_example
-from dti_sprites.datamodules.synth import TFRecordWriter
-from dti_sprites.datamodules.tf_example import encode_example, iter_examples, parse_example
-from dti_sprites.datamodules.tfrecord import TFRecordError, iter_records
+from dti_sprites.datamodules.pipeline.decode import decode_example
+from dti_sprites.datamodules.pipeline.synth import TFRecordWriter
+from dti_sprites.datamodules.pipeline.tf_example import encode_example, iter_examples, parse_example
+from dti_sprites.datamodules.pipeline.tfrecord import TFRecordError, iter_records
 
 # 10 real DeepMind records, kept in the repository (tests/data/README.md) so that CI has them.
-REAL = Path(__file__).resolve().parents[2] / "tests" / "data" / "tetrominoes_mini.tfrecords"
+REAL = Path(__file__).resolve().parents[3] / "tests" / "data" / "tetrominoes_mini.tfrecords"
 
 Y, G, B, C, M, R = (1, 1, 0), (0, 1, 0), (0, 0, 1), (0, 1, 1), (1, 0, 1), (1, 0, 0)
 # tests/data/README.md: objects 1-3 of each real record.

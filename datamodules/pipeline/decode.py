@@ -9,8 +9,8 @@ import os
 import numpy as np
 
 from dti_sprites.datamodules.catalog import Schema
-from dti_sprites.datamodules.tf_example import FeatureValue
-from dti_sprites.datamodules.tfrecord import TFRecordError
+from dti_sprites.datamodules.pipeline.tf_example import FeatureValue
+from dti_sprites.datamodules.pipeline.tfrecord import TFRecordError
 
 __all__ = ["decode_example", "entity_classes", "entity_first_masks"]
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from dti_sprites.datamodules.catalog import SCHEMAS, get_schema
-from dti_sprites.datamodules.decode import decode_example, entity_first_masks
-from dti_sprites.datamodules.synth import (
+from dti_sprites.datamodules.pipeline.decode import decode_example, entity_first_masks
+from dti_sprites.datamodules.pipeline.synth import (
     TETROMINO_COLORS,
     TETROMINO_SHAPES,
     render_tetrominoes,
@@ -19,10 +19,10 @@ from dti_sprites.datamodules.synth import (
     write_examples,
     write_synthetic,
 )
-from dti_sprites.datamodules.tf_example import iter_examples
-from dti_sprites.datamodules.tfrecord import detect_compression
+from dti_sprites.datamodules.pipeline.tf_example import iter_examples
+from dti_sprites.datamodules.pipeline.tfrecord import detect_compression
 
-_REPO = Path(__file__).resolve().parents[2]
+_REPO = Path(__file__).resolve().parents[3]
 # 10 real DeepMind records, kept in the repository (tests/data/README.md) so that CI has them.
 REAL = _REPO / "tests" / "data" / "tetrominoes_mini.tfrecords"
 

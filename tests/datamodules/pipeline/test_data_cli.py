@@ -9,7 +9,7 @@ from pathlib import Path
 import h5py
 import pytest
 
-from dti_sprites.datamodules.cli import main
+from dti_sprites.datamodules.pipeline.cli import main
 
 
 def test_synth_then_convert(tmp_path: Path, capsys) -> None:
@@ -68,9 +68,9 @@ def test_download_is_imported_lazily_and_called(tmp_path: Path, monkeypatch, cap
         calls.append((dataset, Path(root), variant, base_url, convert_after))
         return Path(root) / "clevr6.h5"
 
-    fake = types.ModuleType("dti_sprites.datamodules.download")
+    fake = types.ModuleType("dti_sprites.datamodules.pipeline.download")
     fake.download = download  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "dti_sprites.datamodules.download", fake)
+    monkeypatch.setitem(sys.modules, "dti_sprites.datamodules.pipeline.download", fake)
     assert main(["download", "--dataset", "clevr6", "--root", str(tmp_path)]) == 0
     argv = ["download", "--dataset", "multi_dsprites", "--variant", "binarized"]
     assert main([*argv, "--root", str(tmp_path), "--base-url", "http://127.0.0.1:1/x"]) == 0
@@ -85,9 +85,9 @@ def test_download_errors_are_one_line(tmp_path: Path, monkeypatch, capsys) -> No
     def download(dataset, root, variant=None, base_url="default", convert_after=True):
         raise OSError(f"cannot reach {base_url}")
 
-    fake = types.ModuleType("dti_sprites.datamodules.download")
+    fake = types.ModuleType("dti_sprites.datamodules.pipeline.download")
     fake.download = download  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "dti_sprites.datamodules.download", fake)
+    monkeypatch.setitem(sys.modules, "dti_sprites.datamodules.pipeline.download", fake)
     argv = ["download", "--dataset", "tetrominoes", "--root", str(tmp_path), "--base-url", "u"]
     assert main(argv) == 1
     assert capsys.readouterr().err.strip() == "dti-sprites-data download: error: cannot reach u"

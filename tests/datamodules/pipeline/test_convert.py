@@ -14,13 +14,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dti_sprites.datamodules import convert as convert_module
 from dti_sprites.datamodules.catalog import SCHEMAS, dataset_info, get_schema
-from dti_sprites.datamodules.convert import convert
-from dti_sprites.datamodules.decode import decode_example, entity_classes
-from dti_sprites.datamodules.synth import synthesize, write_examples, write_synthetic
-from dti_sprites.datamodules.tf_example import iter_examples
-from dti_sprites.datamodules.tfrecord import TFRecordError
+from dti_sprites.datamodules.pipeline import convert as convert_module
+from dti_sprites.datamodules.pipeline.convert import convert
+from dti_sprites.datamodules.pipeline.decode import decode_example, entity_classes
+from dti_sprites.datamodules.pipeline.synth import synthesize, write_examples, write_synthetic
+from dti_sprites.datamodules.pipeline.tf_example import iter_examples
+from dti_sprites.datamodules.pipeline.tfrecord import TFRecordError
 
 # (converter dataset, variant, generator dataset, expected image side)
 CASES = [("tetrominoes", None, "tetrominoes", 35), ("clevr6", None, "clevr6", 128)]

@@ -31,7 +31,7 @@ from typing import TypeAlias
 
 import numpy as np
 
-from dti_sprites.datamodules.tfrecord import Compression, TFRecordError, iter_records
+from dti_sprites.datamodules.pipeline.tfrecord import Compression, TFRecordError, iter_records
 
 __all__ = ["FeatureValue", "encode_example", "iter_examples", "parse_example"]
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dti_sprites.datamodules.synth import TFRecordWriter, write_examples
-from dti_sprites.datamodules.tf_example import encode_example, iter_examples
-from dti_sprites.datamodules.tfrecord import (
+from dti_sprites.datamodules.pipeline.synth import TFRecordWriter, write_examples
+from dti_sprites.datamodules.pipeline.tf_example import encode_example, iter_examples
+from dti_sprites.datamodules.pipeline.tfrecord import (
     TFRecordError,
     crc32c,
     detect_compression,
@@ -22,7 +22,7 @@ from dti_sprites.datamodules.tfrecord import (
     masked_crc32c,
 )
 
-_REPO = Path(__file__).resolve().parents[2]
+_REPO = Path(__file__).resolve().parents[3]
 # 10 real DeepMind records, kept in the repository (tests/data/README.md) so that CI has them.
 REAL = _REPO / "tests" / "data" / "tetrominoes_mini.tfrecords"
 

@@ -11,14 +11,11 @@ import scipy.io
 import torch
 from PIL import Image
 
+from dti_sprites.datamodules.gtsrb import GTSRB8_CLASSES, GTSRB8DataModule
+from dti_sprites.datamodules.horse import WeizmannHorseDataModule
 from dti_sprites.datamodules.image_files import ImageReadError
-from dti_sprites.datamodules.images import (
-    GTSRB8_CLASSES,
-    GTSRB8DataModule,
-    ImageFolderDataModule,
-    SVHNDataModule,
-    WeizmannHorseDataModule,
-)
+from dti_sprites.datamodules.image_folder import ImageFolderDataModule
+from dti_sprites.datamodules.svhn import SVHNDataModule
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 
