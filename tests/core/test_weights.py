@@ -7,7 +7,7 @@ import h5py
 import torch
 from small_model import SMALL_MODEL
 
-from dti_sprites.datamodules.convert import convert
+from dti_sprites.datamodules.pipeline.convert import convert
 from dti_sprites.decompose import main as decompose
 from dti_sprites.io import partial_path
 from dti_sprites.metrics import ari_per_image
