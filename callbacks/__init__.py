@@ -1,6 +1,11 @@
 """Callbacks that decide *when* things happen during training; they call small public model
-methods and keep their counters in ``state_dict()`` so a resumed run continues exactly."""
+methods and keep their counters in ``state_dict()`` so a resumed run continues exactly.
 
+The scheduled ones share :class:`ScheduledCallback` (their time unit, step counter, events and
+state) and a :class:`~dti_sprites.schedule.Schedule`; their events make up the run's event
+log (:func:`event_log`)."""
+
+from dti_sprites.callbacks.base import Event, ScheduledCallback, event_log
 from dti_sprites.callbacks.curriculum import Curriculum
 from dti_sprites.callbacks.dashboard import SpriteDashboard
 from dti_sprites.callbacks.freeze import SpriteFreeze
@@ -14,14 +19,17 @@ from dti_sprites.callbacks.seeding import SpriteSeeding
 
 __all__ = [
     "Curriculum",
+    "Event",
     "LRDrops",
     "LayerReset",
     "PredictionWriter",
     "Preempted",
     "Preemption",
+    "ScheduledCallback",
     "SpriteDashboard",
     "SpriteFreeze",
     "SpriteReassignment",
     "SpriteSeeding",
+    "event_log",
     "run_dir",
 ]
