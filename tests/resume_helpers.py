@@ -118,6 +118,7 @@ TETROMINOES_SCHEDULES = {
 DEMO_SCHEDULES = {
     "LayerReset": {"every_n_steps": 4, "min_share": 0.9},
     "SpriteSeeding": {"at_step": 12, "collect_steps": 5, "refit_every": 6, "refit_until": 24},
+    "SpriteFreeze": {"steps": 12},  # = SpriteSeeding.at_step
     "LRDrops": {"milestones": [26]},  # steps
     "SpriteReassignment": {"every_n_steps": 5},
     "SpriteDashboard": {"every_n_steps": 8, "zoom": 1},
@@ -125,6 +126,7 @@ DEMO_SCHEDULES = {
 DDP_DEMO_SCHEDULES = {  # 5 steps per epoch
     **DEMO_SCHEDULES,
     "SpriteSeeding": {"at_step": 8, "collect_steps": 3, "refit_every": 4, "refit_until": 12},
+    "SpriteFreeze": {"steps": 8},
     "LRDrops": {"milestones": [10]},
     "SpriteReassignment": {"every_n_steps": 3},
 }
