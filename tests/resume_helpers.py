@@ -29,7 +29,8 @@ def small_config(
 ) -> Path:
     """experiments/<name>.yaml with the init_args of its callbacks changed and ``extra``
     callbacks appended, written to ``out``. ``callbacks`` is keyed by class name (every
-    callback of that class) or ``"<class name>#<i>"`` (the i-th of that class)."""
+    callback of that class) or ``"<class name>#<i>"`` (the i-th of that class); its
+    ``"LRDrops"`` entry changes the module's ``lr_drops``."""
     config = yaml.safe_load((EXPERIMENTS / f"{name}.yaml").read_text())
     seen: dict[str, int] = {}
     for entry in config["trainer"]["callbacks"]:
@@ -37,6 +38,8 @@ def small_config(
         i = seen[cls] = seen.get(cls, -1) + 1
         for key in (cls, f"{cls}#{i}"):
             entry.setdefault("init_args", {}).update((callbacks or {}).get(key, {}))
+    if "LRDrops" in (callbacks or {}):  # the LR drops are the module's (model.lr_drops)
+        config["model"].setdefault("lr_drops", {}).update(callbacks["LRDrops"])
     config["trainer"]["callbacks"] += extra or []
     out.write_text(yaml.safe_dump(config))
     return out
