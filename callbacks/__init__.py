@@ -3,12 +3,13 @@ methods and keep their counters in ``state_dict()`` so a resumed run continues e
 
 The scheduled ones share :class:`ScheduledCallback` (their time unit, step counter, events and
 state) and a :class:`~dti_sprites.schedule.Schedule`; their events make up the run's event
-log (:func:`event_log`). The LR drops are no callback: ``DTISpritesModule(lr_drops=…)``
-returns them to Lightning as its LR scheduler."""
+log (:func:`event_log`), which the :class:`SpriteDashboard` shows. The LR drops are no callback:
+``DTISpritesModule(lr_drops=…)`` returns them to Lightning as its LR scheduler."""
 
 from dti_sprites.callbacks.base import Event, ScheduledCallback, event_log
 from dti_sprites.callbacks.curriculum import Curriculum
 from dti_sprites.callbacks.dashboard import SpriteDashboard
+from dti_sprites.callbacks.eval_report import EvalReport
 from dti_sprites.callbacks.freeze import SpriteFreeze
 from dti_sprites.callbacks.layer_reset import LayerReset
 from dti_sprites.callbacks.predictions import PredictionWriter
@@ -19,6 +20,7 @@ from dti_sprites.callbacks.seeding import SpriteSeeding
 
 __all__ = [
     "Curriculum",
+    "EvalReport",
     "Event",
     "LayerReset",
     "PredictionWriter",
