@@ -34,14 +34,14 @@ class SpriteSeeding(ScheduledCallback):
     freeze has one owner; this one warns without it). The layer supports of the training
     batches of the last ``collect_steps`` steps before it are taken into the sprite canvas
     (:func:`dti_sprites.seeding.layer_crops`); at ``at_step`` k-means over them sets the K0
-    masks. Then, every ``refit_every`` steps up to
-    ``refit_until``, each sprite chosen by at least ``min_count`` layers of the last
-    ``collect_steps`` batches gets the mean of their crops as its mask (a Lloyd step through
-    the warp). At the refit steps listed in ``reseed_at`` k-means runs again instead, from
-    the better-placed layers of that time: it splits the mixtures and merges the duplicates
-    that refits keep. With ``split_merge_moves``, split-merge moves follow every k-means and
-    refit (:func:`dti_sprites.seeding.split_merge`): they split a mixture and free a duplicate
-    or a near-unused sprite for its second half. The masks' optimizer state is reset each time.
+    masks. Then, every ``refit_every`` steps up to ``refit_until``, each sprite chosen by at
+    least ``min_count`` layers of the last ``collect_steps`` batches gets the mean of their
+    crops as its mask (a Lloyd step through the warp). At the refit steps listed in
+    ``reseed_at`` k-means runs again instead, from the better-placed layers of that time: it
+    splits the mixtures and merges the duplicates that refits keep. With
+    ``split_merge_moves``, split-merge moves follow every k-means and refit
+    (:func:`dti_sprites.seeding.split_merge`): they split a mixture and free a duplicate or a
+    near-unused sprite for its second half. The masks' optimizer state is reset each time.
     Rank 0 computes, every rank receives its masks. Each seeding, refit and split-merge move
     is an event of the run's event log. A departure from the paper's training, for fast
     convergence: see ``docs/method.md``. (The masks held for a while after the seeding:
