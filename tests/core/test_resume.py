@@ -29,9 +29,9 @@ def callbacks():
     ]
 
 
-def run(tmp_path, squares, max_epochs, ckpt_path=None):
+def run(tmp_path, squares, max_epochs, ckpt_path=None, lr_drops=LR_DROPS):
     L.seed_everything(0, verbose=False)
-    module = DTISpritesModule(DTISprites(**MODEL), lr=1e-2, lr_drops=LR_DROPS)
+    module = DTISpritesModule(DTISprites(**MODEL), lr=1e-2, lr_drops=lr_drops)
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     trainer = L.Trainer(
         default_root_dir=tmp_path,
@@ -85,19 +85,20 @@ def assert_same_training_state(full_trainer, full, resumed_trainer, resumed):
             torch.testing.assert_close(value, resumed_opt["state"][key][field], rtol=0, atol=0)
 
 
-def as_written_before_issue_21(checkpoint: dict) -> dict:
+def as_written_before_issue_21(checkpoint: dict, lr_drops: LRDrops) -> dict:
     """A checkpoint as the code before issue 21 wrote it: no LR scheduler (an LRDrops callback
-    had set each group's lr from its ``initial_lr`` at the epoch's start, and kept the number
-    of drops), the freeze's state under ``epochs``, no event list but the reassignment's, no
-    ``lr_drops`` hyper-parameter."""
+    had set each group's lr from its ``initial_lr`` at the start of each epoch, or of each step
+    from the steps done before it, and kept the number of drops), the freeze's state under
+    ``epochs``, no event list but the reassignment's, no ``lr_drops`` hyper-parameter."""
     old = dict(checkpoint)
-    epoch = old["epoch"]  # the epoch that ended: the old callback had set its lr
-    drops = sum(m <= epoch for m in LR_DROPS.milestones)
+    # When the old callback last set the lrs: the epoch that ended, or the last step's start.
+    now = old["epoch"] if lr_drops.interval == "epoch" else old["global_step"] - 1
+    drops = sum(m <= now for m in lr_drops.milestones)
     old["lr_schedulers"] = []
     old["optimizer_states"] = [dict(s) for s in old["optimizer_states"]]
     for state in old["optimizer_states"]:
         state["param_groups"] = [dict(g) for g in state["param_groups"]]
-        for group, gamma in zip(state["param_groups"], LR_DROPS.gammas, strict=True):
+        for group, gamma in zip(state["param_groups"], lr_drops.gammas, strict=True):
             group["lr"] = group["initial_lr"] * gamma**drops
     callbacks = {key: dict(value) for key, value in old["callbacks"].items()}
     freeze = callbacks.pop("SpriteFreeze")
@@ -110,18 +111,27 @@ def as_written_before_issue_21(checkpoint: dict) -> dict:
     return old
 
 
-def test_a_checkpoint_written_before_issue_21_resumes_exactly(tmp_path, squares):
-    full_trainer, full = run(tmp_path / "full", squares, EPOCHS)
-    run(tmp_path / "split", squares, EPOCHS // 2)
+@pytest.mark.parametrize(
+    "lr_drops",
+    [LR_DROPS, LRDrops(milestones=(5, 9), gammas=(1.0, 0.1), interval="step")],
+    ids=["epochs", "steps"],
+)
+def test_a_checkpoint_written_before_issue_21_resumes_exactly(tmp_path, squares, lr_drops):
+    full_trainer, full = run(tmp_path / "full", squares, EPOCHS, lr_drops=lr_drops)
+    run(tmp_path / "split", squares, EPOCHS // 2, lr_drops=lr_drops)
     saved = torch.load(tmp_path / "split" / "ckpt" / "last.ckpt", weights_only=False)
-    # Lightning's LR scheduler state: stepped at the end of each of the 3 epochs.
-    assert saved["lr_schedulers"][0]["last_epoch"] == EPOCHS // 2
+    # Lightning's LR scheduler state: stepped at the end of each of the 3 epochs (6 steps).
+    per_epoch = lr_drops.interval == "epoch"
+    assert saved["lr_schedulers"][0]["last_epoch"] == (EPOCHS // 2 if per_epoch else 6)
     old = tmp_path / "old.ckpt"
-    torch.save(as_written_before_issue_21(saved), old)
-    resumed_trainer, resumed = run(tmp_path / "split", squares, EPOCHS, ckpt_path=old)
+    torch.save(as_written_before_issue_21(saved, lr_drops), old)
+    resumed_trainer, resumed = run(
+        tmp_path / "split", squares, EPOCHS, ckpt_path=old, lr_drops=lr_drops
+    )
     assert resumed_trainer.global_step == full_trainer.global_step == EPOCHS * BATCHES
     (config,) = resumed_trainer.lr_scheduler_configs
-    assert config.scheduler.last_epoch == EPOCHS and config.scheduler.drops == 2
+    assert config.scheduler.last_epoch == (EPOCHS if per_epoch else EPOCHS * BATCHES)
+    assert config.scheduler.drops == 2
     freeze = next(c for c in resumed_trainer.callbacks if isinstance(c, SpriteFreeze))
     assert freeze.frozen is False
     assert_same_training_state(full_trainer, full, resumed_trainer, resumed)
