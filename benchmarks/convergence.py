@@ -44,7 +44,7 @@ import matplotlib
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from dti_sprites.callbacks import SpriteDashboard
+from dti_sprites.callbacks import EvalReport, SpriteDashboard
 from dti_sprites.cli import DTISpritesCLI
 from dti_sprites.datamodules.base import DTIDataModule
 from dti_sprites.module import DTISpritesModule
@@ -146,7 +146,7 @@ def run_seed(args: argparse.Namespace, extra: list[str], seed: int, folder: Path
     torch.set_num_threads(args.threads)
     cli = build(args, extra, seed, folder)
     trainer, module = cli.trainer, cli.model
-    skip = (ModelCheckpoint, SpriteDashboard)
+    skip = (ModelCheckpoint, SpriteDashboard, EvalReport)
     trainer.callbacks[:] = [c for c in trainer.callbacks if not isinstance(c, skip)]
     recorder = Recorder(folder / f"seed{seed}.csv")
     trainer.callbacks.append(recorder)

@@ -56,7 +56,8 @@ class Ours:
     def __init__(self, config: str, encoder_updates: int | None) -> None:
         spec = yaml.safe_load((ROOT / "experiments" / f"{config}.yaml").read_text())
         model_args = spec["model"]["model"]["init_args"]
-        module_args = {k: v for k, v in spec["model"].items() if k != "model"}
+        # no LR drops (Lightning's LR scheduler): this loop runs no trainer
+        module_args = {k: v for k, v in spec["model"].items() if k not in ("model", "lr_drops")}
         if encoder_updates is not None:
             module_args["encoder_updates_per_step"] = encoder_updates
         self.model = DTISprites(**model_args)

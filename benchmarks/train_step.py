@@ -52,7 +52,8 @@ def build(
         model_args["encoder"] = encoder
     if compile:
         model_args["compile"] = True
-    module_args = {k: v for k, v in spec["model"].items() if k != "model"}
+    # (the LR drops are Lightning's scheduler: no part of a step)
+    module_args = {k: v for k, v in spec["model"].items() if k not in ("model", "lr_drops")}
     module = DTISpritesModule(DTISprites(**model_args), **module_args)
     model = module.model
     for sequence in model.transform_groups().values():

@@ -7,8 +7,11 @@ from typing import Any, Literal
 import lightning as L
 from jsonargparse.typing import NonNegativeInt
 
+from dti_sprites.callbacks.base import Event, ScheduledCallback
+from dti_sprites.schedule import Schedule
 
-class Curriculum(L.Callback):
+
+class Curriculum(ScheduledCallback):
     """Activates the modules of each transformation sequence at epoch (or step) milestones.
 
     For a sequence of n modules with m milestones, the first n − m modules are on from the
@@ -16,6 +19,7 @@ class Curriculum(L.Callback):
     ``[100, 350]`` starts with colour, adds projective at epoch 100 and tps at 350; a lone
     ``similarity`` with ``[20]`` is off until epoch 20. Nothing is frozen when a module switches
     on. The stage is a function of the epoch (or step), so a resumed run continues exactly.
+    Each switch is an event of the run's event log (``curriculum``).
 
     Args:
         layer: milestones of the layer transformation sequence.
@@ -26,6 +30,8 @@ class Curriculum(L.Callback):
             whose schedules are shorter than an epoch of the paper's data).
     """
 
+    event_kind = "curriculum"
+
     def __init__(
         self,
         layer: list[NonNegativeInt] | None = None,
@@ -33,23 +39,19 @@ class Curriculum(L.Callback):
         background: list[NonNegativeInt] | None = None,
         interval: Literal["epoch", "step"] = "epoch",
     ) -> None:
-        if interval not in ("epoch", "step"):
-            raise ValueError(f"Curriculum.interval must be 'epoch' or 'step', got {interval!r}")
-        self.interval = interval
-        self.milestones = {  # builtin ints: they are saved in checkpoints
-            "layer": sorted(int(m) for m in layer or []),
-            "sprite": sorted(int(m) for m in sprite or []),
-            "background": sorted(int(m) for m in background or []),
+        super().__init__(interval)
+        self.schedules = {
+            "layer": Schedule.milestones(layer),
+            "sprite": Schedule.milestones(sprite),
+            "background": Schedule.milestones(background),
         }
+        # builtin ints: they are saved in checkpoints
+        self.milestones = {group: list(s.at) for group, s in self.schedules.items()}
         self.n_active: dict[str, int] = {}
 
     def stage(self, n_modules: int, milestones: list[int], time: int) -> int:
         """Active modules at ``time`` (an epoch or a step count, as ``interval`` says)."""
-        return n_modules - len(milestones) + sum(m <= time for m in milestones)
-
-    def now(self, trainer: L.Trainer) -> int:
-        """The current epoch, or the optimizer steps done, as ``interval`` says."""
-        return trainer.current_epoch if self.interval == "epoch" else trainer.global_step
+        return n_modules - len(milestones) + Schedule.milestones(milestones).passed(time)
 
     def apply(self, pl_module: L.LightningModule, time: int) -> None:
         for group, sequence in pl_module.model.transform_groups().items():
@@ -62,6 +64,16 @@ class Curriculum(L.Callback):
             self.n_active[group] = self.stage(len(sequence), milestones, time)
             sequence.set_active(self.n_active[group])
 
+    def _advance(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Apply the stage of now; a milestone reached now is an event (once: this runs at
+        the start of an epoch, or of a step, which a resumed run does not repeat)."""
+        time = self.now(trainer)
+        self.apply(pl_module, time)
+        for group, sequence in pl_module.model.transform_groups().items():
+            if self.schedules[group].due(time):
+                names = sequence.names[: self.n_active[group]]
+                self.record({"step": trainer.global_step, "group": group, "active": list(names)})
+
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.apply(pl_module, self.now(trainer))
 
@@ -71,14 +83,22 @@ class Curriculum(L.Callback):
         self.apply(pl_module, self.now(trainer))
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.apply(pl_module, self.now(trainer))
+        if self.interval == "epoch":
+            self._advance(trainer, pl_module)
+        else:
+            self.apply(pl_module, self.now(trainer))
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.interval == "step":
-            self.apply(pl_module, self.now(trainer))
+            self._advance(trainer, pl_module)
 
-    def state_dict(self) -> dict[str, Any]:
+    def describe(self, event: dict[str, Any]) -> list[Event]:
+        active = ", ".join(event["active"]) or "none"
+        detail = f"{event['group']} transformations on: {active}"
+        return [Event(int(event["step"]), self.event_kind, type(self).__name__, detail)]
+
+    def own_state(self) -> dict[str, Any]:
         return {"milestones": self.milestones, "n_active": dict(self.n_active)}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.n_active = dict(state_dict["n_active"])
+    def load_own_state(self, state: dict[str, Any]) -> None:
+        self.n_active = dict(state["n_active"])

@@ -9,11 +9,12 @@ import lightning as L
 import torch
 from jsonargparse.typing import NonNegativeFloat, PositiveInt
 
+from dti_sprites.callbacks.base import Event, ScheduledCallback
 from dti_sprites.optim import copy_optimizer_state
 from dti_sprites.ranks import gather_ranks, pick_rank
 
 
-class SpriteReassignment(L.Callback):
+class SpriteReassignment(ScheduledCallback):
     """Every ``every_n_steps`` steps, replaces rarely used sprites by a copy of the most used.
 
     Usage is the share of layer choices per sprite since the last check (read from the module's
@@ -23,7 +24,11 @@ class SpriteReassignment(L.Callback):
     The copy takes the appearance (plus N(0, ``noise_std``²) noise drawn from a generator seeded
     by ``seed`` and the step, identical on every rank), the mask, every transformation head of
     the sprite, and the optimizer state (cloned). Nothing happens while sprites are frozen.
+    Each copy is an event of the run's event log (``reassignment``).
     """
+
+    event_kind = "reassignment"
+    counts_steps = True
 
     def __init__(
         self,
@@ -32,27 +37,26 @@ class SpriteReassignment(L.Callback):
         noise_std: NonNegativeFloat = 1e-4,
         seed: int = 0,
     ) -> None:
+        super().__init__("step")
         self.every_n_steps = int(every_n_steps)
         self.threshold = float(threshold)
         self.noise_std = float(noise_std)
         self.seed = int(seed)
         self.base: torch.Tensor | None = None  # the module's usage at the last check
-        self.steps = 0  # training steps since the last check
-        self.events: list[dict[str, int]] = []  # {"step", "src", "dst"}
+        # self.steps: training steps since the last check; self.events: {"step", "src", "dst"}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         model = pl_module.model
-        self.steps += 1
-        if self.steps < self.every_n_steps:
+        if not self.tick(self.every_n_steps):
             return
         mine = pl_module.usage_since(self.base)[:, :-1].sum(0)  # (K0,) this rank, all layers
         self.base = pl_module.usage.detach().clone()
         counts = trainer.strategy.reduce(mine.float(), reduce_op="sum").cpu()
-        self.steps = 0
         if bool(model.sprites_frozen) or counts.sum() == 0:
             return
         events = self.reassign(pl_module, trainer.optimizers[0], counts, trainer.global_step)
-        self.events += events
+        for event in events:
+            self.record(event)
         pl_module.log("train/reassigned", float(len(events)), reduce_fx="sum")
 
     def unused(self, counts: torch.Tensor, empty_sprite: bool) -> list[int]:
@@ -81,15 +85,14 @@ class SpriteReassignment(L.Callback):
             events.append({"step": step, "src": src, "dst": dst})
         return events
 
-    def state_dict(self) -> dict[str, Any]:
-        base = None if self.base is None else self.base.detach().cpu().clone()
-        return {
-            "base": gather_ranks(base),  # each process's own (see dti_sprites.ranks)
-            "steps": self.steps,
-            "events": list(self.events),
-        }
+    def describe(self, event: dict[str, Any]) -> list[Event]:
+        detail = f"sprite {event['dst']} replaced by a copy of sprite {event['src']}"
+        sprites = (int(event["dst"]),)
+        return [Event(int(event["step"]), self.event_kind, type(self).__name__, detail, sprites)]
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.base = pick_rank(state_dict["base"], "SpriteReassignment.base")
-        self.steps = state_dict["steps"]
-        self.events = list(state_dict["events"])
+    def own_state(self) -> dict[str, Any]:
+        base = None if self.base is None else self.base.detach().cpu().clone()
+        return {"base": gather_ranks(base)}  # each process's own (see dti_sprites.ranks)
+
+    def load_own_state(self, state: dict[str, Any]) -> None:
+        self.base = pick_rank(state["base"], "SpriteReassignment.base")

@@ -1,10 +1,15 @@
-"""Where a run's files go."""
+"""Where a run's files go, and its CSV tables."""
 
 from __future__ import annotations
 
+import csv
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning as L
+
+from dti_sprites.io import atomic_write
 
 
 def run_dir(trainer: L.Trainer) -> Path:
@@ -17,3 +22,11 @@ def run_dir(trainer: L.Trainer) -> Path:
     save_dir = logger.save_dir if logger.save_dir is not None else trainer.default_root_dir
     version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
     return Path(save_dir) / str(logger.name) / version
+
+
+def save_csv(rows: Sequence[Sequence[Any]], columns: Sequence[str], path: Path) -> None:
+    """Write a CSV table atomically (temp file, then rename)."""
+    with atomic_write(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        writer.writerows(rows)

@@ -7,9 +7,13 @@ from typing import Any
 import lightning as L
 import torch
 from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+from lightning.pytorch.utilities import rank_zero_warn
 
+from dti_sprites.callbacks.base import Event, ScheduledCallback
+from dti_sprites.callbacks.freeze import SpriteFreeze
 from dti_sprites.optim import reset_optimizer_state
 from dti_sprites.ranks import rank_and_world
+from dti_sprites.schedule import Schedule
 from dti_sprites.seeding import (
     centre_crops,
     invariant_kmeans,
@@ -22,23 +26,26 @@ from dti_sprites.seeding import (
 )
 
 
-class SpriteSeeding(L.Callback):
+class SpriteSeeding(ScheduledCallback):
     """Seeds the sprite masks by k-means over inverse-warped layer supports, then refits them.
 
-    Until step ``at_step`` the sprites are frozen (use this instead of ``SpriteFreeze``), so the
-    network learns to place the layers on the objects. The layer supports of the training
+    Until step ``at_step`` the sprites should be frozen, so that the network learns to place
+    the layers on the objects: list ``SpriteFreeze(steps=at_step)`` after this callback (the
+    freeze has one owner; this one warns without it). The layer supports of the training
     batches of the last ``collect_steps`` steps before it are taken into the sprite canvas
     (:func:`dti_sprites.seeding.layer_crops`); at ``at_step`` k-means over them sets the K0
-    masks and the sprites are unfrozen. Then, every ``refit_every`` steps up to
-    ``refit_until``, each sprite chosen by at least ``min_count`` layers of the last
-    ``collect_steps`` batches gets the mean of their crops as its mask (a Lloyd step through
-    the warp). At the refit steps listed in ``reseed_at`` k-means runs again instead, from
-    the better-placed layers of that time: it splits the mixtures and merges the duplicates
-    that refits keep. With ``split_merge_moves``, split-merge moves follow every k-means and
-    refit (:func:`dti_sprites.seeding.split_merge`): they split a mixture and free a duplicate
-    or a near-unused sprite for its second half. The masks' optimizer state is reset each time.
-    Rank 0 computes, every rank receives its masks. A departure from the paper's training, for
-    fast convergence: see ``docs/method.md``.
+    masks. Then, every ``refit_every`` steps up to ``refit_until``, each sprite chosen by at
+    least ``min_count`` layers of the last ``collect_steps`` batches gets the mean of their
+    crops as its mask (a Lloyd step through the warp). At the refit steps listed in
+    ``reseed_at`` k-means runs again instead, from the better-placed layers of that time: it
+    splits the mixtures and merges the duplicates that refits keep. With
+    ``split_merge_moves``, split-merge moves follow every k-means and refit
+    (:func:`dti_sprites.seeding.split_merge`): they split a mixture and free a duplicate or a
+    near-unused sprite for its second half. The masks' optimizer state is reset each time.
+    Rank 0 computes, every rank receives its masks. Each seeding, refit and split-merge move
+    is an event of the run's event log. A departure from the paper's training, for fast
+    convergence: see ``docs/method.md``. (The masks held for a while after the seeding:
+    ``SpriteFreeze(hold_masks)``.)
 
     Args:
         at_step: training step of the seeding.
@@ -67,9 +74,6 @@ class SpriteSeeding(L.Callback):
         isolated_only: use only the crops of objects that touch no other object and lie
             whole inside the canvas (:func:`dti_sprites.seeding.layer_crops`): in crowded
             scenes most layers show an occluded or merged shape.
-        hold_masks: the masks get no gradient update for this many steps after the seeding
-            (refits still set them): the sprite transformations learn to rotate and scale
-            fixed, sharp shapes before gradient descent may round them off (0: none).
     """
 
     def __init__(
@@ -89,8 +93,8 @@ class SpriteSeeding(L.Callback):
         rotations: NonNegativeInt = 0,
         refit_scales: list[PositiveFloat] | None = None,
         isolated_only: bool = False,
-        hold_masks: NonNegativeInt = 0,
     ) -> None:
+        super().__init__("step")
         if refit_every and collect_steps > refit_every:
             raise ValueError(
                 f"SpriteSeeding.collect_steps ({collect_steps}) must not exceed refit_every "
@@ -99,9 +103,13 @@ class SpriteSeeding(L.Callback):
         self.at_step, self.collect_steps = int(at_step), int(collect_steps)
         self.refit_every = int(refit_every)
         self.refit_until = None if refit_until is None else int(refit_until)
+        # The seeding, then the refits: at_step, at_step + refit_every, … up to refit_until.
+        self.schedule = Schedule(
+            at=(self.at_step,), every=self.refit_every, start=self.at_step, until=self.refit_until
+        )
         self.reseed_at = sorted(int(s) for s in reseed_at or [])
         for step in self.reseed_at:
-            if step <= self.at_step or self.next_event(step) != step:
+            if step <= self.at_step or not self.schedule.due(step):
                 raise ValueError(
                     f"SpriteSeeding.reseed_at: step {step} is not a refit step (at_step "
                     f"{at_step} + a multiple of refit_every {refit_every}, up to refit_until)"
@@ -112,30 +120,22 @@ class SpriteSeeding(L.Callback):
         self.normalise_scale, self.rotations = bool(normalise_scale), int(rotations)
         self.refit_scales = tuple(float(f) for f in refit_scales or [1.0])
         self.isolated_only = bool(isolated_only)
-        self.hold_masks = int(hold_masks)
         self.background_tolerance = (
             None if background_tolerance is None else float(background_tolerance)
         )
         self.crops: list[torch.Tensor] = []
         self.choices: list[torch.Tensor] = []
-        self.events: list[dict[str, Any]] = []
 
     def next_event(self, step: int) -> int | None:
         """The first seeding or refit step at or after ``step``, None when there is none."""
-        if step <= self.at_step:
-            return self.at_step
-        if not self.refit_every:
-            return None
-        event = self.at_step + -(-(step - self.at_step) // self.refit_every) * self.refit_every
-        return None if self.refit_until is not None and event > self.refit_until else event
+        return self.schedule.next(step)
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        pl_module.model.freeze_sprites(trainer.global_step < self.at_step)
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        # global_step counts the steps done: this update is step global_step + 1.
-        if self.at_step <= trainer.global_step < self.at_step + self.hold_masks:
-            pl_module.model.sprites.mask.grad = None  # no update, no momentum, no decay
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not any(isinstance(c, SpriteFreeze) for c in trainer.callbacks):
+            rank_zero_warn(
+                f"SpriteSeeding: no SpriteFreeze; the sprites learn before the seeding at step "
+                f"{self.at_step} (list SpriteFreeze(steps={self.at_step}) after SpriteSeeding)"
+            )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step  # steps done, this one included
@@ -199,15 +199,29 @@ class SpriteSeeding(L.Callback):
             masks.copy_(new.view_as(masks))
         for optimizer in trainer.optimizers:
             reset_optimizer_state(optimizer, [(masks, (slice(None),))])  # the old masks' moments
-        model.freeze_sprites(False)
-        self.events.append(event)
+        self.record(event)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"crops": self.crops, "choices": self.choices, "events": list(self.events)}
+    def describe(self, event: dict[str, Any]) -> list[Event]:
+        """A row for the seeding (``seed``), re-seeding (``reseed``) or refit (``refit``),
+        and one per split-merge move (``split-merge``)."""
+        step, source, kind = int(event["step"]), type(self).__name__, event["kind"]
+        if kind == "refit":
+            detail = f"{event.get('refit', 0)} masks refitted"
+        else:
+            detail = "masks by k-means"
+        if "crops" in event:
+            detail += f" from {event['crops']} layer crops"
+        rows = [Event(step, kind, source, detail)]
+        for split, freed in event.get("moves", []):
+            detail = f"sprite {split} split, sprite {freed} freed for its second half"
+            rows.append(Event(step, "split-merge", source, detail, (int(split), int(freed))))
+        return rows
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def own_state(self) -> dict[str, Any]:
+        return {"crops": self.crops, "choices": self.choices}
+
+    def load_own_state(self, state: dict[str, Any]) -> None:
         # Rank 0 collects and computes (the checkpoint is rank 0's); the others hold nothing.
         rank0 = rank_and_world()[0] == 0
-        self.crops = list(state_dict["crops"]) if rank0 else []
-        self.choices = list(state_dict["choices"]) if rank0 else []
-        self.events = list(state_dict["events"])
+        self.crops = list(state["crops"]) if rank0 else []
+        self.choices = list(state["choices"]) if rank0 else []

@@ -1,4 +1,5 @@
-"""The LightningModule: objective, logging, optimizer groups. Schedules live in callbacks."""
+"""The LightningModule: objective, logging, optimizer groups and their LR drops (a Lightning LR
+scheduler). The other schedules live in callbacks."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from dti_sprites.metrics import (
     ari_per_image,
 )
 from dti_sprites.model import Decomposition, DTISprites
-from dti_sprites.optim import Adam
+from dti_sprites.optim import Adam, LRDrops, MilestoneDrops
 from dti_sprites.ranks import gather_ranks, pick_rank, rng_state, set_rng_state
 
 
@@ -56,6 +57,13 @@ class DTISpritesModule(L.LightningModule):
             so in a short run the masks hardly leave their initial Gaussian without a larger one
             (every shipped config keeps 1: the fast recipes seed the masks instead).
         init_images: training images averaged for a ``mean`` background init.
+        lr_drops: learning-rate drops (:class:`~dti_sprites.optim.LRDrops`: milestones in
+            epochs or steps, one gamma per group: prototypes, networks, and the encoder when it
+            has a group of its own, which takes the networks' gamma unless a third is given; a
+            single gamma for all). ``configure_optimizers`` returns them as Lightning's LR
+            scheduler (:class:`~dti_sprites.optim.MilestoneDrops`, stepped every step or every
+            epoch), so they are in checkpoints and a resumed run continues exactly. None or no
+            milestone: no drop.
     """
 
     def __init__(
@@ -67,8 +75,14 @@ class DTISpritesModule(L.LightningModule):
         encoder_updates_per_step: PositiveInt = 1,
         prototype_lr_multiplier: PositiveFloat = 1.0,
         init_images: NonNegativeInt = 100,
+        lr_drops: LRDrops | None = None,
     ) -> None:
         super().__init__()
+        if isinstance(lr_drops, dict):  # e.g. the hyper-parameters of a checkpoint
+            lr_drops = LRDrops(**lr_drops)
+        lr_drops = lr_drops or LRDrops()
+        self.lr_drops = lr_drops
+        self._lr_drops_from_trainer = False  # see on_load_checkpoint
         self.save_hyperparameters(
             {
                 "lr": float(lr),
@@ -77,6 +91,7 @@ class DTISpritesModule(L.LightningModule):
                 "encoder_updates_per_step": int(encoder_updates_per_step),
                 "prototype_lr_multiplier": float(prototype_lr_multiplier),
                 "init_images": int(init_images),
+                "lr_drops": lr_drops.to_dict(),
             }
         )
         self.model = model
@@ -121,6 +136,13 @@ class DTISpritesModule(L.LightningModule):
             set_rng_state(pick_rank(state, "rng_state"))
         if "epoch_usage" in checkpoint:
             self._epoch_usage = pick_rank(checkpoint["epoch_usage"], "epoch_usage").clone()
+        # A checkpoint without the LR drops' scheduler state (written before issue 21, when an
+        # LRDrops callback set the lrs, or by a run without drops): the scheduler takes its time
+        # from the trainer at the first training step (see on_train_batch_start).
+        self._lr_drops_from_trainer = bool(self.lr_drops.milestones) and not checkpoint.get(
+            "lr_schedulers"
+        )
+        checkpoint.get("callbacks", {}).pop("LRDrops", None)  # that callback's state: superseded
 
     # ---------------------------------------------------------------------------- training
     def forward(self, image: Tensor) -> Decomposition:
@@ -364,8 +386,59 @@ class DTISpritesModule(L.LightningModule):
             )
         return groups
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def lr_gammas(self, groups: list[dict[str, Any]]) -> list[float]:
+        """The LR drops' gamma of each parameter group (see ``lr_drops``)."""
+        gammas = list(self.lr_drops.gammas)
+        names = [g.get("name") for g in groups]
+        if len(gammas) == 1:
+            gammas *= len(groups)
+        if len(gammas) == 2 and names == ["prototypes", "networks", "encoder"]:
+            gammas.append(gammas[1])  # the encoder is a network
+        if len(gammas) != len(groups):
+            raise ValueError(
+                f"LRDrops.gammas has {len(self.lr_drops.gammas)} values for {len(groups)} "
+                f"optimizer groups ({names})"
+            )
+        return gammas
+
+    def configure_optimizers(self) -> torch.optim.Optimizer | dict[str, Any]:
+        """Adam over :meth:`parameter_groups`; with LR drops, also their scheduler, which
+        Lightning steps after every optimizer step or at every epoch's end (``interval``)."""
         groups = self.parameter_groups()
-        for group in groups:
-            group["initial_lr"] = group["lr"]  # base of the LR drops (kept in checkpoints)
-        return Adam(groups)
+        optimizer = Adam(groups)
+        if not self.lr_drops.milestones:
+            return optimizer
+        scheduler = MilestoneDrops(optimizer, self.lr_drops.milestones, self.lr_gammas(groups))
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {
+                "scheduler": scheduler,
+                "interval": self.lr_drops.interval,
+                "frequency": 1,
+                "name": "lr_drops",
+            },
+        }
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._lr_drops_from_trainer:
+            self._lr_drops_from_trainer = False
+            self.sync_lr_drops()
+
+    def sync_lr_drops(self) -> None:
+        """Put the LR drops' scheduler at the trainer's step (or epoch) and set the lrs it
+        gives: what a checkpoint without the scheduler's state needs (an LRDrops callback used
+        to recompute the lrs from the step or epoch in this way)."""
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if not isinstance(scheduler, MilestoneDrops):
+                continue
+            groups = scheduler.optimizer.param_groups
+            scheduler.base_lrs = [
+                g.get("initial_lr", base)
+                for g, base in zip(groups, scheduler.base_lrs, strict=True)
+            ]
+            epoch = config.interval == "epoch"
+            scheduler.last_epoch = self.trainer.current_epoch if epoch else self.trainer.global_step
+            for group, lr in zip(groups, scheduler.get_lr(), strict=True):
+                group["lr"] = lr
+            scheduler._last_lr = [g["lr"] for g in groups]

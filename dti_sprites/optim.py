@@ -1,13 +1,17 @@
-"""The optimizer and its surgery, kept in one place: Adam with repeated group updates, and
-copying the state of parameter slices."""
+"""The optimizer and its surgery, kept in one place: Adam with repeated group updates,
+copying the state of parameter slices, and the learning-rate drops (a torch LR scheduler)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
+from jsonargparse.typing import NonNegativeFloat, PositiveInt
 
 from dti_sprites.model import ParamSlice
+from dti_sprites.schedule import Schedule, check_interval
 
 
 @torch.no_grad()
@@ -66,3 +70,74 @@ class Adam(torch.optim.Adam):
         finally:
             self.param_groups = groups
         return loss
+
+
+@dataclass(frozen=True)
+class LRDrops:
+    """Learning-rate drops: each parameter group's lr times its own gamma at every milestone.
+
+    Milestones count epochs (``interval="epoch"``, the paper's schedules) or training steps
+    (``interval="step"``, for runs shorter than a few epochs); ``gammas`` holds one factor per
+    parameter group or a single one for all (how a module maps them to its groups: see
+    ``DTISpritesModule``). No milestone: no drop. :class:`MilestoneDrops` applies them.
+    """
+
+    milestones: tuple[PositiveInt, ...] = ()
+    gammas: tuple[NonNegativeFloat, ...] = (0.1,)
+    interval: Literal["epoch", "step"] = "epoch"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "milestones", tuple(sorted(int(m) for m in self.milestones)))
+        object.__setattr__(self, "gammas", tuple(float(g) for g in self.gammas))
+        check_interval("LRDrops", self.interval)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Builtins (for the checkpoint's hyper-parameters)."""
+        return {
+            "milestones": list(self.milestones),
+            "gammas": list(self.gammas),
+            "interval": self.interval,
+        }
+
+
+class MilestoneDrops(torch.optim.lr_scheduler.LRScheduler):
+    """lr of group g = its initial lr × gammas[g] ** (milestones passed), where the time is the
+    scheduler's ``last_epoch``: the number of times ``step()`` was called (Lightning calls it
+    once per optimizer step or once per epoch, as the interval says). The milestones and gammas
+    come from the configuration, not from a checkpoint, as the module is built with them.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        milestones: Iterable[int],
+        gammas: Iterable[float],
+        last_epoch: int = -1,
+    ) -> None:
+        self.schedule = Schedule.milestones(milestones)
+        self.gammas = [float(g) for g in gammas]
+        if len(self.gammas) != len(optimizer.param_groups):
+            raise ValueError(
+                f"MilestoneDrops: {len(self.gammas)} gammas for "
+                f"{len(optimizer.param_groups)} parameter groups"
+            )
+        super().__init__(optimizer, last_epoch)
+
+    @property
+    def drops(self) -> int:
+        """Milestones passed at the scheduler's time."""
+        return self.schedule.passed(self.last_epoch)
+
+    def get_lr(self) -> list[float]:
+        drops = self.drops
+        return [base * gamma**drops for base, gamma in zip(self.base_lrs, self.gammas, strict=True)]
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        for key in ("schedule", "gammas"):  # the configuration's (see the class docstring)
+            state.pop(key, None)
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = {k: v for k, v in state_dict.items() if k not in ("schedule", "gammas")}
+        super().load_state_dict(state)

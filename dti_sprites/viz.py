@@ -27,6 +27,7 @@ __all__ = [
     "EMPTY_COLOR",
     "PALETTE",
     "SPRITE_ROWS",
+    "add_timeline",
     "background_figure",
     "colorize",
     "decomposition_figure",
@@ -179,6 +180,38 @@ def sprite_figure(model, zoom: int = 1) -> Figure:
     (semantic label k + 1: the border colour is the sprite's colour in semantic maps)."""
     columns = [str(k) for k in range(model.sprites.n_sprites)]
     return grid_figure(sprite_grid(model), SPRITE_ROWS, columns, "sprite", zoom)
+
+
+def add_timeline(fig: Figure, events: Sequence[tuple[int, str]], step: int) -> Figure:
+    """Add a timeline of ``events`` below a figure of one picture (e.g. :func:`sprite_figure`):
+    a row per kind of event (in order of first appearance), a tick at each event's step, the
+    steps from 0 to ``step`` (or the last event). The picture keeps its size in pixels.
+
+    Args:
+        fig: a figure with a single axes, e.g. from :func:`grid_figure`.
+        events: (step, kind) pairs.
+        step: the current step (the right end of the axis).
+    """
+    kinds = list(dict.fromkeys(kind for _, kind in events))
+    width, height = fig.get_size_inches()
+    strip, gap = 0.25 + 0.16 * len(kinds), 0.45  # inches: the timeline, room for its labels
+    total = height + gap + strip
+    fig.set_size_inches(width, total)
+    (picture,) = fig.axes
+    picture.set_position((0, (gap + strip) / total, 1, height / total))
+    ax = fig.add_axes((0, 0, 1, strip / total))
+    for row, kind in enumerate(kinds):
+        steps = [s for s, k in events if k == kind]
+        color = PALETTE[(row + 1) % len(PALETTE)].tolist()
+        ax.scatter(steps, [row] * len(steps), marker="|", s=60, linewidths=1.2, color=color)
+    ax.set_yticks(range(len(kinds)), kinds)
+    ax.set_ylim(len(kinds) - 0.5, -0.5)  # the first kind on top
+    end = max([step, *(s for s, _ in events)])
+    ax.set_xlim(0, max(end, 1) * 1.02)
+    ax.set_xlabel("step", fontsize=FONT_SIZE)
+    ax.tick_params(labelsize=FONT_SIZE, length=2)
+    ax.grid(axis="x", alpha=0.3)
+    return fig
 
 
 def background_figure(model, zoom: int = 1) -> Figure:

@@ -29,7 +29,8 @@ def small_config(
 ) -> Path:
     """experiments/<name>.yaml with the init_args of its callbacks changed and ``extra``
     callbacks appended, written to ``out``. ``callbacks`` is keyed by class name (every
-    callback of that class) or ``"<class name>#<i>"`` (the i-th of that class)."""
+    callback of that class) or ``"<class name>#<i>"`` (the i-th of that class); its
+    ``"LRDrops"`` entry changes the module's ``lr_drops``."""
     config = yaml.safe_load((EXPERIMENTS / f"{name}.yaml").read_text())
     seen: dict[str, int] = {}
     for entry in config["trainer"]["callbacks"]:
@@ -37,6 +38,8 @@ def small_config(
         i = seen[cls] = seen.get(cls, -1) + 1
         for key in (cls, f"{cls}#{i}"):
             entry.setdefault("init_args", {}).update((callbacks or {}).get(key, {}))
+    if "LRDrops" in (callbacks or {}):  # the LR drops are the module's (model.lr_drops)
+        config["model"].setdefault("lr_drops", {}).update(callbacks["LRDrops"])
     config["trainer"]["callbacks"] += extra or []
     out.write_text(yaml.safe_dump(config))
     return out
@@ -118,6 +121,7 @@ TETROMINOES_SCHEDULES = {
 DEMO_SCHEDULES = {
     "LayerReset": {"every_n_steps": 4, "min_share": 0.9},
     "SpriteSeeding": {"at_step": 12, "collect_steps": 5, "refit_every": 6, "refit_until": 24},
+    "SpriteFreeze": {"steps": 12},  # = SpriteSeeding.at_step
     "LRDrops": {"milestones": [26]},  # steps
     "SpriteReassignment": {"every_n_steps": 5},
     "SpriteDashboard": {"every_n_steps": 8, "zoom": 1},
@@ -125,6 +129,7 @@ DEMO_SCHEDULES = {
 DDP_DEMO_SCHEDULES = {  # 5 steps per epoch
     **DEMO_SCHEDULES,
     "SpriteSeeding": {"at_step": 8, "collect_steps": 3, "refit_every": 4, "refit_until": 12},
+    "SpriteFreeze": {"steps": 8},
     "LRDrops": {"milestones": [10]},
     "SpriteReassignment": {"every_n_steps": 3},
 }

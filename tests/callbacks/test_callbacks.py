@@ -1,5 +1,3 @@
-from types import SimpleNamespace
-
 import lightning as L
 import pytest
 import torch
@@ -8,12 +6,12 @@ from small_model import SMALL_MODEL
 from dti_sprites.callbacks import (
     Curriculum,
     LayerReset,
-    LRDrops,
     SpriteFreeze,
     SpriteReassignment,
 )
 from dti_sprites.model import DTISprites
 from dti_sprites.module import DTISpritesModule
+from dti_sprites.optim import LRDrops, MilestoneDrops
 
 MODEL = SMALL_MODEL
 
@@ -38,9 +36,9 @@ class Probe(L.Callback):
             )
 
 
-def fit(tmp_path, squares, callbacks, epochs=3, batches=2, lr=1e-2, **model):
+def fit(tmp_path, squares, callbacks, epochs=3, batches=2, lr=1e-2, lr_drops=None, **model):
     torch.manual_seed(0)
-    module = DTISpritesModule(DTISprites(**{**MODEL, **model}), lr=lr)
+    module = DTISpritesModule(DTISprites(**{**MODEL, **model}), lr=lr, lr_drops=lr_drops)
     probe = Probe()
     trainer = L.Trainer(
         default_root_dir=tmp_path,
@@ -94,41 +92,47 @@ def test_freeze_keeps_sprites_fixed_for_the_first_epochs(tmp_path, squares):
 
 
 def test_lr_drops_apply_per_group_gammas(tmp_path, squares):
-    drops = LRDrops(milestones=[1, 2], gammas=[1.0, 0.1])
-    _, seen = fit(tmp_path, squares, [drops])
+    drops = LRDrops(milestones=(1, 2), gammas=(1.0, 0.1))
+    module, seen = fit(tmp_path, squares, [], lr_drops=drops)
     lrs = [s["lr"] for s in seen]
     assert lrs[0] == pytest.approx([1e-2, 1e-2])
     assert lrs[1] == pytest.approx([1e-2, 1e-3])
     assert lrs[2] == pytest.approx([1e-2, 1e-4])
-    assert drops.state_dict() == {"drops": 2}
+    (config,) = module.trainer.lr_scheduler_configs  # Lightning's LR scheduler
+    assert isinstance(config.scheduler, MilestoneDrops) and config.interval == "epoch"
+    assert config.scheduler.drops == 2
     with pytest.raises(ValueError, match=r"LRDrops\.gammas"):
-        fit(tmp_path, squares, [LRDrops(milestones=[1], gammas=[1.0, 0.1, 0.5])], epochs=1)
+        fit(tmp_path, squares, [], epochs=1, lr_drops=LRDrops((1,), (1.0, 0.1, 0.5)))
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step()` before")
 def test_lr_drops_count_steps_when_asked():
-    module = DTISpritesModule(DTISprites(image_size=20, n_sprites=3, n_layers=2, sprite_size=12))
-    optimizer = module.configure_optimizers()
-    drops = LRDrops(milestones=[3, 5], gammas=[0.5], interval="step")
+    module = DTISpritesModule(
+        DTISprites(image_size=20, n_sprites=3, n_layers=2, sprite_size=12),
+        lr_drops=LRDrops(milestones=(3, 5), gammas=(0.5,), interval="step"),
+    )
+    config = module.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    assert config["lr_scheduler"]["interval"] == "step"
     seen = []
-    for step in range(7):
-        trainer = SimpleNamespace(optimizers=[optimizer], global_step=step, current_epoch=0)
-        drops.on_train_epoch_start(trainer, module)  # no effect in step mode
-        drops.on_train_batch_start(trainer, module, None, step)
+    for _ in range(7):  # Lightning steps the scheduler after every optimizer step
         seen.append(optimizer.param_groups[0]["lr"] / optimizer.param_groups[0]["initial_lr"])
+        scheduler.step()
     assert seen == pytest.approx([1, 1, 1, 0.5, 0.5, 0.25, 0.25])
-    assert drops.state_dict() == {"drops": 2}
+    assert scheduler.drops == 2
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step()` before")
 def test_lr_drops_give_a_separate_encoder_group_the_networks_gamma():
     module = DTISpritesModule(
         DTISprites(image_size=20, n_sprites=3, n_layers=2, sprite_size=12),
         lr=1e-2,
         encoder_updates_per_step=3,
+        lr_drops=LRDrops(milestones=(1,), gammas=(1.0, 0.1)),
     )
-    optimizer = module.configure_optimizers()
-    trainer = SimpleNamespace(optimizers=[optimizer], current_epoch=1)
-    LRDrops(milestones=[1], gammas=[1.0, 0.1]).on_train_epoch_start(trainer, module)
-    lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+    config = module.configure_optimizers()
+    config["lr_scheduler"]["scheduler"].step()  # the end of epoch 0
+    lrs = {g["name"]: g["lr"] for g in config["optimizer"].param_groups}
     assert lrs == pytest.approx({"prototypes": 1e-2, "networks": 1e-3, "encoder": 1e-3})
 
 

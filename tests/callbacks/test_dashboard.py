@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import numpy as np
@@ -15,14 +16,19 @@ from small_model import SMALL_MODEL
 
 from dti_sprites.callbacks import (
     Curriculum,
+    EvalReport,
+    LayerReset,
     SpriteDashboard,
     SpriteFreeze,
     SpriteReassignment,
+    SpriteSeeding,
+    event_log,
     run_dir,
 )
-from dti_sprites.callbacks.dashboard import EvalRecords
+from dti_sprites.callbacks.eval_report import EvalRecords
 from dti_sprites.model import DTISprites
 from dti_sprites.module import DTISpritesModule, usage_counts
+from dti_sprites.viz import add_timeline, sprite_figure
 
 MODEL = {**SMALL_MODEL, "empty_sprite": False}
 
@@ -51,7 +57,8 @@ def test_dashboard_writes_wandb_media_offline_and_the_same_pngs(offline_wandb, s
     torch.manual_seed(0)
     wandb_logger = WandbLogger(project="dash", save_dir=tmp_path, offline=True)
     reassignment = SpriteReassignment(every_n_steps=1, threshold=10.0)  # fires after the freeze
-    dashboard = SpriteDashboard(every_n_steps=2, n_worst=3)
+    dashboard = SpriteDashboard(every_n_steps=2)
+    report = EvalReport(n_worst=3)  # the evaluation report
     trainer = L.Trainer(
         default_root_dir=tmp_path,
         max_epochs=2,
@@ -62,7 +69,7 @@ def test_dashboard_writes_wandb_media_offline_and_the_same_pngs(offline_wandb, s
         enable_progress_bar=False,
         enable_checkpointing=False,
         enable_model_summary=False,
-        callbacks=[Curriculum(sprite=[1]), SpriteFreeze(epochs=1), reassignment, dashboard],
+        callbacks=[Curriculum(sprite=[1]), SpriteFreeze(epochs=1), reassignment, dashboard, report],
     )
     module = DTISpritesModule(DTISprites(**MODEL), lr=1e-2)
     data = squares(n=8)
@@ -167,6 +174,7 @@ def test_dashboard_writes_wandb_media_offline_and_the_same_pngs(offline_wandb, s
         "dashboard/usage_layer0_table",
         "dashboard/usage_layer1_table",
         "dashboard/reassignments",
+        "dashboard/events",
         "val/metrics_table",
         "val/ari_fg_table",
         "test/metrics_table",
@@ -211,7 +219,7 @@ def test_dashboard_without_logger_on_single_object_data(tmp_path, squares):
         enable_progress_bar=False,
         enable_checkpointing=False,
         enable_model_summary=False,
-        callbacks=[dashboard],
+        callbacks=[dashboard, EvalReport()],
     )
     trainer.fit(DTISpritesModule(model), squares(n=8))
     for name in ("sprites", "backgrounds", "decompositions", "usage"):
@@ -288,7 +296,7 @@ import torch
 sys.path.insert(0, {tests!r})
 from conftest import SquaresDataModule
 
-from dti_sprites.callbacks import SpriteDashboard
+from dti_sprites.callbacks import EvalReport
 from dti_sprites.model import DTISprites
 from dti_sprites.module import DTISpritesModule
 
@@ -298,7 +306,7 @@ model = DTISprites(image_size=20, n_sprites=3, n_layers=2, n_backgrounds=1, spri
                    mask_std=3, occlusion="predicted")
 trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False,
                     default_root_dir={out!r}, enable_progress_bar=False,
-                    enable_model_summary=False, callbacks=[SpriteDashboard(n_worst=3)])
+                    enable_model_summary=False, callbacks=[EvalReport(n_worst=3)])
 per_loader = trainer.test(DTISpritesModule(model), SquaresDataModule(n=8), verbose=False)
 if trainer.is_global_zero:
     torch.save({{k: v for r in per_loader for k, v in r.items()}}, Path({out!r}) / "results.pt")
@@ -324,3 +332,59 @@ def test_dashboard_gathers_per_image_rows_from_every_ddp_rank(tmp_path):
     with Image.open(tmp_path / "images" / "test_paper320_worst.png") as worst:
         # 3 worst images × (input, reconstruction, instance, ground truth), and the labels.
         assert worst.size[0] > 3 * 21 + 1 and worst.size[1] > 4 * 21 + 1
+
+
+def test_event_log_gathers_every_callback_in_step_order():
+    seeding = SpriteSeeding(at_step=4, collect_steps=2, refit_every=2, split_merge_moves=2)
+    seeding.events = [
+        {"step": 4, "kind": "seed", "crops": 30, "moves": [(0, 2)]},
+        {"step": 6, "kind": "refit", "crops": 12, "refit": 3, "moves": []},
+    ]
+    reset = LayerReset()
+    reset.events = [{"step": 5, "layer": 1}]
+    reassignment = SpriteReassignment()
+    reassignment.events = [{"step": 6, "src": 0, "dst": 1}]
+    freeze = SpriteFreeze(steps=4)
+    freeze.events = [{"step": 4}]
+    trainer = SimpleNamespace(callbacks=[reset, seeding, freeze, reassignment])
+    log = event_log(trainer)
+    assert [(e.step, e.kind, e.source) for e in log] == [
+        (4, "seed", "SpriteSeeding"),
+        (4, "split-merge", "SpriteSeeding"),
+        (4, "unfreeze", "SpriteFreeze"),
+        (5, "layer reset", "LayerReset"),
+        (6, "refit", "SpriteSeeding"),
+        (6, "reassignment", "SpriteReassignment"),
+    ]
+    assert log[1].sprites == (0, 2) and log[-1].sprites == (1,)
+    assert log[0].row()[:3] == [4, "seed", "SpriteSeeding"]
+    # The timeline under the sprites: a taller picture, the grid as large as before.
+    torch.manual_seed(0)
+    model = DTISprites(**MODEL)
+    plain = sprite_figure(model).get_size_inches()
+    with_timeline = add_timeline(sprite_figure(model), [(e.step, e.kind) for e in log], 8)
+    width, height = with_timeline.get_size_inches()
+    assert width == plain[0] and height > plain[1]
+    assert len(with_timeline.axes[1].get_yticklabels()) == 6  # a row per kind
+
+
+def test_dashboard_writes_the_event_log(tmp_path, squares):
+    torch.manual_seed(0)
+    reassignment = SpriteReassignment(every_n_steps=1, threshold=10.0)
+    trainer = L.Trainer(
+        default_root_dir=tmp_path,
+        max_epochs=2,
+        limit_train_batches=2,
+        limit_val_batches=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        callbacks=[SpriteFreeze(epochs=1), reassignment, SpriteDashboard(every_n_steps=100)],
+    )
+    trainer.fit(DTISpritesModule(DTISprites(**MODEL), lr=1e-2), squares(n=8))
+    rows = read_csv(tmp_path / "tables" / "events.csv")
+    kinds = [(int(r["step"]), r["kind"]) for r in rows]
+    assert kinds[0] == (2, "unfreeze")  # epoch 1 starts after 2 steps
+    assert kinds[1:] == [(e["step"], "reassignment") for e in reassignment.events]
+    assert rows[1]["sprites"] == str(reassignment.events[0]["dst"])

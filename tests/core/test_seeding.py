@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from dti_sprites.callbacks import SpriteSeeding
+from dti_sprites.callbacks import SpriteFreeze, SpriteSeeding
 from dti_sprites.datamodules.base import DTIDataModule
 from dti_sprites.model import DTISprites
 from dti_sprites.module import DTISpritesModule
@@ -117,7 +117,12 @@ def train(
     lr: float = 1e-9,
 ) -> None:
     """``steps`` training steps on ``data`` (default: the placed piece) at ``lr`` (default
-    negligible: only callbacks act)."""
+    negligible: only callbacks act). A SpriteSeeding without a SpriteFreeze gets one until its
+    seeding, listed after it (the freeze's one owner)."""
+    seedings = [c for c in callbacks if isinstance(c, SpriteSeeding)]
+    if seedings and not any(isinstance(c, SpriteFreeze) for c in callbacks):
+        i = callbacks.index(seedings[0]) + 1
+        callbacks = [*callbacks[:i], SpriteFreeze(steps=seedings[0].at_step), *callbacks[i:]]
     trainer = L.Trainer(
         default_root_dir=tmp_path,
         max_steps=steps,
@@ -142,7 +147,7 @@ def test_callback_freezes_until_it_seeds_then_refits(tmp_path):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             frozen.append(bool(pl_module.model.sprites_frozen))
 
-    train(tmp_path, model, [seeding, Watch()], steps=5)
+    train(tmp_path, model, [seeding, SpriteFreeze(steps=3), Watch()], steps=5)
     assert frozen == [True, True, True, False, False]
     assert [(e["step"], e["kind"]) for e in seeding.events] == [(3, "seed"), (5, "refit")]
     assert seeding.events[0]["crops"] == 8  # 2 batches of 4 images, one layer each
@@ -155,7 +160,8 @@ def test_held_masks_keep_the_seeded_values_then_learn(tmp_path):
     """hold_masks=2 after a seeding at step 1: steps 2 and 3 leave the masks as seeded (the
     rest of the model learns), step 4 updates them."""
     model = opaque_model()
-    seeding = SpriteSeeding(at_step=1, collect_steps=1, min_count=1, centre=False, hold_masks=2)
+    seeding = SpriteSeeding(at_step=1, collect_steps=1, min_count=1, centre=False)
+    freeze = SpriteFreeze(steps=1, hold_masks=2)  # the masks held for 2 steps after step 1
     masks, appearances = [], []
 
     class Watch(L.Callback):
@@ -163,7 +169,7 @@ def test_held_masks_keep_the_seeded_values_then_learn(tmp_path):
             masks.append(pl_module.model.sprites.mask.detach().clone())
             appearances.append(pl_module.model.sprites.appearance.detach().clone())
 
-    train(tmp_path, model, [seeding, Watch()], steps=4, lr=1e-2)
+    train(tmp_path, model, [seeding, freeze, Watch()], steps=4, lr=1e-2)
     assert seeding.events[0]["step"] == 1 and masks[0].min() == 0  # seeded (was all ones)
     assert torch.equal(masks[1], masks[0]) and torch.equal(masks[2], masks[0])  # steps 2, 3: held
     assert not torch.equal(masks[3], masks[2])  # step 4: gradient descent again
