@@ -1,12 +1,15 @@
 """How fast a config learns: held-out and paper-320 scores every M steps, as CSV and a plot.
 
-    python benchmarks/convergence.py --config tetrominoes_fast|FILE.yaml [--steps 4000]
-        [--every 500] [--seeds 0 1] [--threads 1] [--data FILE.h5] [--generate N] [--heldout 1000]
-        [--test N] [--name NAME] [--out benchmarks/convergence] [--checkpoint] [--resume FOLDER]
+    python benchmarks/convergence.py --config tetrominoes_fast|FILE.yaml [DELTA.yaml …]
+        [--steps 4000] [--every 500] [--seeds 0 1] [--threads 1] [--data FILE.h5] [--generate N]
+        [--heldout 1000] [--test N] [--name NAME] [--out benchmarks/convergence] [--checkpoint]
+        [--resume FOLDER]
         [-- EXTRA CLI ARGUMENTS]
 
-Trains ``experiments/<config>.yaml`` through the project's LightningCLI, callbacks and all
-(its checkpointing, dashboard and logger are left out), for ``--steps`` steps, validating every
+Trains ``experiments/<config>.yaml`` (then any delta configs after it, e.g. the screens of
+``benchmarks/convergence/demo_screens/``) as ``dti-sprites fit`` builds it
+(:func:`dti_sprites.cli.build`), callbacks and all (its checkpointing, dashboard and logger are
+left out), for ``--steps`` steps, validating every
 ``--every`` steps on both protocols. Every seed runs in its own process (in parallel, with
 ``--threads`` threads each: two 1-thread runs use 2 cores best) and writes
 ``<out>/<name>/seed<S>.csv`` with one row per validation and protocol:
@@ -45,9 +48,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from dti_sprites.callbacks import EvalReport, SpriteDashboard
-from dti_sprites.cli import DTISpritesCLI
-from dti_sprites.datamodules.base import DTIDataModule
-from dti_sprites.module import DTISpritesModule
+from dti_sprites.cli import Experiment, build, config_arg
 from dti_sprites.viz import save_figure, sprite_figure
 
 matplotlib.use("Agg")
@@ -104,16 +105,11 @@ class Recorder(L.Callback):
         )
 
 
-def config_path(config: str) -> Path:
-    """``experiments/<config>.yaml``, or ``config`` itself when it is a YAML file's path."""
-    return Path(config) if config.endswith(".yaml") else ROOT / "experiments" / f"{config}.yaml"
-
-
-def build(args: argparse.Namespace, extra: list[str], seed: int, folder: Path) -> DTISpritesCLI:
-    """The config's model, DataModule and trainer, with the harness's settings."""
-    cli_args = [
-        "--config",
-        str(config_path(args.config)),
+def experiment(
+    args: argparse.Namespace, extra: list[str], seed: int, folder: Path, trainer: bool = True
+) -> Experiment:
+    """The configs' model, DataModule and trainer, with the harness's settings."""
+    overrides = [
         f"--seed_everything={seed}",
         f"--trainer.max_steps={args.steps}",
         "--trainer.max_epochs=-1",
@@ -128,33 +124,26 @@ def build(args: argparse.Namespace, extra: list[str], seed: int, folder: Path) -
         f"--data.init_args.heldout_size={args.heldout}",
     ]
     if args.data:
-        cli_args.append(f"--data.init_args.path={args.data}")
+        overrides.append(f"--data.init_args.path={args.data}")
     if args.generate:
-        cli_args.append(f"--data.init_args.generate={args.generate}")
-    return DTISpritesCLI(
-        DTISpritesModule,
-        DTIDataModule,
-        subclass_mode_data=True,
-        run=False,
-        save_config_kwargs={"overwrite": True},
-        args=[*cli_args, *extra],
-    )
+        overrides.append(f"--data.init_args.generate={args.generate}")
+    return build(args.config, [*overrides, *extra], trainer=trainer)
 
 
 def run_seed(args: argparse.Namespace, extra: list[str], seed: int, folder: Path) -> None:
     """Train one seed in this process and write its CSV and sprite bank."""
     torch.set_num_threads(args.threads)
-    cli = build(args, extra, seed, folder)
-    trainer, module = cli.trainer, cli.model
+    run = experiment(args, extra, seed, folder)
+    trainer, module = run.trainer, run.model
     skip = (ModelCheckpoint, SpriteDashboard, EvalReport)
     trainer.callbacks[:] = [c for c in trainer.callbacks if not isinstance(c, skip)]
     recorder = Recorder(folder / f"seed{seed}.csv")
     trainer.callbacks.append(recorder)
     ckpt = None if args.resume is None else args.resume / f"seed{seed}.ckpt"
-    trainer.fit(module, cli.datamodule, ckpt_path=ckpt)
+    trainer.fit(module, run.datamodule, ckpt_path=ckpt)
     if args.test:  # the test range: the --test records after the validation range
         recorder.rename = {"paper320": "", "heldout": "test"}
-        test_data = build(
+        test_data = experiment(
             args,
             [
                 *extra,
@@ -163,6 +152,7 @@ def run_seed(args: argparse.Namespace, extra: list[str], seed: int, folder: Path
             ],
             seed,
             folder,
+            trainer=False,
         )
         trainer.validate(module, test_data.datamodule)
     save_figure(sprite_figure(module.model, zoom=2), folder / f"seed{seed}_sprites.png")
@@ -196,7 +186,9 @@ def plot(folder: Path, seeds: list[int], title: str) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True)
+    parser.add_argument(
+        "--config", nargs="+", required=True, help="a config (name or YAML), then deltas"
+    )
     parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--every", type=int, default=500)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -212,11 +204,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=None, help=argparse.SUPPRESS)  # one worker
     args, extra = parser.parse_known_args()
     extra = [a for a in extra if a != "--"]
-    folder = args.out / (args.name or config_path(args.config).stem)
+    folder = args.out / (args.name or Path(config_arg(args.config[-1])).stem)
     if args.seed is not None:
         run_seed(args, extra, args.seed, folder)
         return
-    build(args, extra, args.seeds[0], folder).datamodule.prepare_data()  # data, once
+    experiment(args, extra, args.seeds[0], folder, trainer=False).datamodule.prepare_data()
     workers = [
         subprocess.Popen([sys.executable, __file__, "--seed", str(seed), *sys.argv[1:]])
         for seed in args.seeds

@@ -25,7 +25,7 @@ import functools
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
-from train_step import build
+from train_step import build_module
 
 import dti_sprites.model as model_module
 
@@ -64,8 +64,7 @@ def instrument(model: torch.nn.Module) -> None:
 
 
 def profile_config(config: str, steps: int, batch: int | None, precision: str, device) -> None:
-    torch.manual_seed(0)
-    module, default_batch = build(config, device)
+    module, default_batch = build_module(config, device)  # seed 0
     batch = batch or default_batch
     model = module.model
     instrument(model)

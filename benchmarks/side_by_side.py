@@ -13,8 +13,9 @@ config's lr with weight decay on the networks, batch 32 drawn without replacemen
 the training range: ARI on all pixels (instance labels, 0 = background) and ARI-FG (background
 pixels given to the best-coloured layer). Prints one JSON line per evaluation.
 
-``ours`` builds the model, optimizer and schedule from ``experiments/<config>.yaml``
-(``--encoder-updates`` overrides the config's ``encoder_updates_per_step``). ``authors`` imports
+``ours`` builds the model, optimizer and schedule from ``experiments/<config>.yaml`` as
+``dti-sprites fit`` does (:func:`dti_sprites.cli.build`; ``--encoder-updates`` overrides the
+config's ``encoder_updates_per_step``). ``authors`` imports
 the model of a checkout of the authors' repository (github.com/monniert/dti-sprites, not part of
 this project) and its config (``configs/dsprites.yml`` or ``configs/clevr6.yml``), and builds the
 optimizer as its trainer does: Adam over ``cluster_parameters()`` and
@@ -38,11 +39,9 @@ import torch
 import yaml
 
 from dti_sprites.callbacks import Curriculum, SpriteFreeze
+from dti_sprites.cli import build
 from dti_sprites.metrics import ARI
-from dti_sprites.model import DTISprites
-from dti_sprites.module import DTISpritesModule
 
-ROOT = Path(__file__).resolve().parents[1]
 AUTHORS_CONFIG = {
     "multidsprites": "dsprites.yml",
     "clevr6": "clevr6.yml",
@@ -53,23 +52,18 @@ AUTHORS_CONFIG = {
 class Ours:
     """Our model, optimizer and schedule at epoch 0, from ``experiments/<config>.yaml``."""
 
-    def __init__(self, config: str, encoder_updates: int | None) -> None:
-        spec = yaml.safe_load((ROOT / "experiments" / f"{config}.yaml").read_text())
-        model_args = spec["model"]["model"]["init_args"]
-        # no LR drops (Lightning's LR scheduler): this loop runs no trainer
-        module_args = {k: v for k, v in spec["model"].items() if k not in ("model", "lr_drops")}
+    def __init__(self, config: str, encoder_updates: int | None, seed: int) -> None:
+        overrides = [f"--seed_everything={seed}", "--trainer.logger=false"]
         if encoder_updates is not None:
-            module_args["encoder_updates_per_step"] = encoder_updates
-        self.model = DTISprites(**model_args)
-        self.module = DTISpritesModule(self.model, **module_args)
+            overrides.append(f"--model.encoder_updates_per_step={encoder_updates}")
+        experiment = build(config, overrides, trainer=False)
+        self.module = experiment.model
+        self.model = self.module.model
         self.optimizer = self.module.configure_optimizers()
-        callbacks = {
-            c["class_path"].rsplit(".", 1)[-1]: c.get("init_args", {})
-            for c in spec["trainer"]["callbacks"]
-        }
         holder = SimpleNamespace(model=self.model)
-        Curriculum(**callbacks.get("Curriculum", {})).apply(holder, epoch=0)
-        SpriteFreeze(**callbacks.get("SpriteFreeze", {})).apply(holder, epoch=0)
+        for cls in (Curriculum, SpriteFreeze):  # the config's, or the defaults
+            mine = [c for c in experiment.callbacks if isinstance(c, cls)] or [cls()]
+            mine[0].apply(holder, 0)  # epoch 0 (the curriculum: step 0 too)
 
     def train_step(self, x: torch.Tensor) -> float:
         self.model.train()
@@ -169,7 +163,7 @@ def main() -> None:
     eval_x = images[args.train_size :].float() / 255
     eval_mask = masks[args.train_size :]
     if args.impl == "ours":
-        runner: Ours | Authors = Ours(args.config, args.encoder_updates)
+        runner: Ours | Authors = Ours(args.config, args.encoder_updates, args.seed)
     else:
         if args.authors_src is None:
             raise SystemExit("--impl authors needs --authors-src")

@@ -7,7 +7,8 @@
 A step is what training does: forward (encoder, heads, rendering of every candidate, greedy
 selection), rendering of the selected sprites, MSE, backward and the config's Adam (with its
 repeated encoder updates) — with every curriculum
-stage on, sprites unfrozen and mask noise on. The model comes from ``experiments/NAME.yaml``.
+stage on, sprites unfrozen and mask noise on. The model comes from ``experiments/NAME.yaml``
+(or a YAML path), built as ``dti-sprites fit`` builds it (:func:`dti_sprites.cli.build`).
 Prints one line per config:
 
     config=NAME precision=P compile=C img_per_s=X peak_mb=Y encoder_ratio=R
@@ -30,37 +31,32 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import get_args
 
 import torch
-import yaml
 
+from dti_sprites.cli import build
 from dti_sprites.encoders import EncoderName
-from dti_sprites.model import DTISprites
 from dti_sprites.module import DTISpritesModule
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
-
-def build(
+def build_module(
     config: str, device: torch.device, encoder: str | None = None, compile: bool = False
 ) -> tuple[DTISpritesModule, int]:
-    spec = yaml.safe_load((EXPERIMENTS / f"{config}.yaml").read_text())
-    model_args = spec["model"]["model"]["init_args"]
+    """The config's module (seed 0) in its training state on ``device``, and its batch size."""
+    overrides = ["--seed_everything=0", "--trainer.logger=false"]
     if encoder:
-        model_args["encoder"] = encoder
+        overrides.append(f"--model.model.init_args.encoder={encoder}")
     if compile:
-        model_args["compile"] = True
-    # (the LR drops are Lightning's scheduler: no part of a step)
-    module_args = {k: v for k, v in spec["model"].items() if k not in ("model", "lr_drops")}
-    module = DTISpritesModule(DTISprites(**model_args), **module_args)
+        overrides.append("--model.model.init_args.compile=true")
+    experiment = build(config, overrides, trainer=False)
+    module = experiment.model
     model = module.model
     for sequence in model.transform_groups().values():
         sequence.set_active(len(sequence))  # every curriculum stage on
     model.freeze_sprites(False)
     model.train()  # mask noise on
-    return module.to(device), spec["data"]["init_args"].get("batch_size", 32)
+    return module.to(device), experiment.datamodule.batch_size
 
 
 def sync(device: torch.device) -> None:
@@ -96,8 +92,7 @@ def benchmark(
     precision: str = "32",
     compile_encoder: bool = False,
 ) -> None:
-    torch.manual_seed(0)
-    module, default_batch = build(config, device, encoder, compile_encoder)
+    module, default_batch = build_module(config, device, encoder, compile_encoder)
     batch = batch or default_batch
     model = module.model
     size = model.image_size

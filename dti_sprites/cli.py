@@ -1,7 +1,11 @@
-"""Command line: ``dti-sprites {fit,validate,test,predict} --config experiments/X.yaml``.
+"""Command line: ``dti-sprites {fit,validate,test,predict} --config experiments/X.yaml``, and
+:func:`build`, the same resolution of configs in Python.
 
 One LightningCLI serves ``dti-sprites``, ``python -m dti_sprites`` and the ``lightning``
 console script (for those four subcommands; anything else goes to lightning-sdk's CLI).
+:func:`build` gives the model, DataModule, trainer and callbacks of ``dti-sprites fit`` for
+scripts and tests (benchmarks, ``dti-sprites-sweep``, the test helpers): the same parser, linked
+arguments, run-output placement and data check.
 
 Everything a run writes goes under one root, ``--trainer.default_root_dir`` (see
 :func:`place_run_outputs`).
@@ -14,11 +18,16 @@ import inspect
 import netrc
 import os
 import sys
-from collections.abc import Iterator
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
+import yaml
 from jsonargparse import Namespace
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import WandbLogger
@@ -31,6 +40,7 @@ from dti_sprites.io import DataSourceError
 from dti_sprites.module import DTISpritesModule
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"  # in a checkout
 
 
 def wandb_logged_in() -> bool:
@@ -88,6 +98,24 @@ def place_run_outputs(config: Namespace) -> None:
 
 
 class DTISpritesCLI(LightningCLI):
+    """The project's LightningCLI: always-present prediction writer and preemption handler,
+    run outputs placed under one root, W&B offline without a login, and the data checked before
+    the trainer or the logger start anything.
+
+    Args (besides LightningCLI's):
+        build_trainer: instantiate the trainer (``False``: model, data and callbacks only;
+            :func:`build` with ``trainer=False``).
+        check_stage: without a subcommand (``run=False``), the stage whose data to check before
+            the trainer is built (``None``: no check). A subcommand checks its own stage.
+    """
+
+    def __init__(
+        self, *args: Any, build_trainer: bool = True, check_stage: str | None = None, **kwargs: Any
+    ) -> None:
+        self.build_trainer = build_trainer
+        self.check_stage = check_stage
+        super().__init__(*args, **kwargs)
+
     def add_arguments_to_parser(self, parser) -> None:
         # Always present; writes <run dir>/predictions.h5 during `predict` only.
         parser.add_lightning_class_args(PredictionWriter, "predictions")
@@ -95,39 +123,138 @@ class DTISpritesCLI(LightningCLI):
         # end of the step under way, exit status 0; `--preemption.signals=[]` turns it off.
         parser.add_lightning_class_args(Preemption, "preemption")
 
-    def _check_data(self) -> None:
-        """The data file / folder exists and is valid: one line (main) if not, before the
-        trainer or the logger start anything."""
-        if isinstance(self.datamodule, DTIDataModule):
-            self.datamodule.check_source(self.subcommand)  # the subcommand names the stage
-
-    before_fit = before_validate = before_test = before_predict = _check_data
-
     def before_instantiate_classes(self) -> None:
-        config = self.config.get(self.subcommand) if self.subcommand else self.config
-        place_run_outputs(config)
-        if "WandbLogger" in str(config.get("trainer", {}).get("logger")):
+        place_run_outputs(self._resolved())
+
+    def _resolved(self) -> Namespace:
+        """The parsed config of this command (``fit``'s, …; the whole config without one)."""
+        return self.config.get(self.subcommand) if self.subcommand else self.config
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer | None:
+        """Check the data (one line from :func:`main` if missing or invalid), then build the
+        trainer: nothing is written, printed or started before the check. (The model, the
+        DataModule, the callbacks and the logger objects exist by now; a logger starts its run
+        when first used, in ``fit``.)"""
+        callbacks = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
+        self.config_callbacks: list[Callback] = (
+            list(callbacks) if isinstance(callbacks, list) else [callbacks]
+        )  # before the trainer adds its own
+        stage = self.subcommand or self.check_stage
+        if stage is not None and isinstance(self.datamodule, DTIDataModule):
+            self.datamodule.check_source(stage)  # the subcommand names the stage
+        if not self.build_trainer:
+            return None
+        if "WandbLogger" in str(self._resolved().get("trainer", {}).get("logger")):
             wandb_offline_fallback()
+        return super().instantiate_trainer(**kwargs)
+
+
+def make_cli(args: list[str] | None = None, *, run: bool = True, **kwargs: Any) -> DTISpritesCLI:
+    """The one construction of :class:`DTISpritesCLI`: ``run=True`` for the command line (a
+    subcommand first in ``args``), ``run=False`` for :func:`build`."""
+    return DTISpritesCLI(
+        DTISpritesModule,
+        DTIDataModule,
+        subclass_mode_model=False,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+        **kwargs,
+    )
 
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``dti-sprites`` (``args`` for in-process use, e.g. tests).
 
     Missing or invalid data (:class:`~dti_sprites.io.DataSourceError`) ends the command with
-    its one-line message on stderr and exit status 2, without a traceback.
+    its one-line message on stderr and exit status 2, without a traceback, before the trainer
+    or the logger start anything.
     """
     try:
-        DTISpritesCLI(
-            DTISpritesModule,
-            DTIDataModule,
-            subclass_mode_model=False,
-            subclass_mode_data=True,
-            save_config_kwargs={"overwrite": True},
-            args=args,
-        )
+        make_cli(args)
     except DataSourceError as err:
         print(f"dti-sprites: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+# ------------------------------------------------------------------------------------- build
+ConfigSource = str | Path | dict[str, Any]
+
+
+def config_arg(source: ConfigSource) -> str:
+    """A ``--config`` value: a dict as YAML text, a bare name (``"demo"``) as
+    ``experiments/<name>.yaml``, anything else as a path."""
+    if isinstance(source, dict):
+        return yaml.safe_dump(source, sort_keys=False)
+    text = str(source)
+    if isinstance(source, str) and "/" not in text and not text.endswith((".yaml", ".yml")):
+        return str(EXPERIMENTS / f"{text}.yaml")
+    return text
+
+
+@dataclass
+class Experiment:
+    """A ``dti-sprites fit`` experiment built from configs (:func:`build`), not yet run."""
+
+    model: DTISpritesModule
+    datamodule: DTIDataModule
+    trainer: Trainer | None  # None with build(trainer=False)
+    config: Namespace  # the resolved fit config (as `dti-sprites fit` resolves it)
+    callbacks: list[Callback] = field(default_factory=list)  # the config's trainer.callbacks
+    cli: DTISpritesCLI | None = field(default=None, repr=False)
+
+    def fit(self, ckpt_path: str | Path | None = None) -> None:
+        """``trainer.fit`` of the model on the data (what ``dti-sprites fit`` runs)."""
+        if self.trainer is None:
+            raise ValueError("built with trainer=False: no trainer to fit with")
+        self.trainer.fit(self.model, self.datamodule, ckpt_path=ckpt_path)
+
+
+def build(
+    config: ConfigSource | Sequence[ConfigSource],
+    overrides: Sequence[str] = (),
+    *,
+    trainer: bool = True,
+    check_data: bool | None = None,
+) -> Experiment:
+    """Model, DataModule, trainer and callbacks of ``dti-sprites fit --config C1 --config C2 …
+    OVERRIDES``, resolved as that command resolves them (:class:`DTISpritesCLI` with
+    ``run=False``: linked arguments, ``seed_everything``, run outputs under
+    ``trainer.default_root_dir``, W&B offline without a login).
+
+    Args:
+        config: one config or several, applied in order (a base, then deltas such as
+            ``experiments/ablations/*.yaml``): a YAML path, a bare experiment name (``"demo"``:
+            ``experiments/demo.yaml``) or a dict of the same shape as the YAML.
+        overrides: command-line overrides, ``--key=value``, applied after the configs.
+        trainer: build the trainer (with the config's callbacks, logger and the CLI's own
+            callbacks). ``False``: model, data and callbacks only, no logger run.
+        check_data: check the DataModule's data (``check_source("fit")``) and raise
+            :class:`~dti_sprites.io.DataSourceError` if it is missing or invalid. Default: when
+            the trainer is built.
+
+    Parse errors exit (``SystemExit``) naming the key, as on the command line.
+    """
+    sources = [config] if isinstance(config, str | Path | dict) else list(config)
+    args = [arg for source in sources for arg in ("--config", config_arg(source))]
+    check = trainer if check_data is None else check_data
+    with warnings.catch_warnings():  # a script's own sys.argv is not meant for the CLI
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        cli = make_cli(
+            [*args, *overrides],
+            run=False,
+            build_trainer=trainer,
+            check_stage="fit" if check else None,
+        )
+    return Experiment(
+        model=cli.model,
+        datamodule=cli.datamodule,
+        trainer=cli.trainer,
+        config=cli.config,
+        callbacks=cli.config_callbacks,
+        cli=cli,
+    )
 
 
 def lightning_main() -> None:

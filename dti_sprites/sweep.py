@@ -4,11 +4,12 @@
     dti-sprites-sweep k --config experiments/tetrominoes.yaml --k 10 15 19 25 30
         [--out DIR] [--window N] [any `dti-sprites fit` override, e.g. --trainer.max_steps=5000]
 
-For each K, one ``dti-sprites fit`` runs in this process with a copy of the config whose
-outputs go to ``DIR/k<K>`` (``DIR/k<K>/sweep_config.yaml``: loggers' ``save_dir``, the W&B run
-name ``<config>-k<K>``, ModelCheckpoint's ``dirpath``; see :func:`run_config`), then the extra
-overrides (passed through unchanged; use the ``--key=value`` form), then
-``--model.model.init_args.n_sprites=K`` and ``--trainer.default_root_dir=DIR/k<K>``. A
+For each K, one ``dti-sprites fit`` runs in this process (:func:`dti_sprites.cli.build`, then
+``fit``) with a copy of the config whose outputs go to ``DIR/k<K>``
+(``DIR/k<K>/sweep_config.yaml``: loggers' ``save_dir``, the W&B run name ``<config>-k<K>``,
+ModelCheckpoint's ``dirpath``; see :func:`run_config`), then the extra overrides (passed
+through unchanged; use the ``--key=value`` form), then ``--model.model.init_args.n_sprites=K``
+and ``--trainer.default_root_dir=DIR/k<K>`` (:func:`fit_overrides`). A
 :class:`FinalTrainingLoss` callback appended to the run records the final training loss: the
 mean reconstruction MSE (the training loss) over the last ``--window`` training steps, averaged
 over DDP ranks, in ``DIR/k<K>/final_loss.json``.
@@ -181,18 +182,13 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def fit_args(
-    config: Path, k: int, run_folder: Path, window: int, extra: Sequence[str]
-) -> list[str]:
-    """The ``dti-sprites fit`` arguments of one K (extra overrides first, ours last)."""
+def fit_overrides(k: int, run_folder: Path, window: int, extra: Sequence[str]) -> list[str]:
+    """The ``dti-sprites fit`` overrides of one K (extra overrides first, ours last)."""
     recorder = {
         "class_path": f"{__name__}.FinalTrainingLoss",
         "init_args": {"path": str(run_folder / "final_loss.json"), "window": window},
     }
     return [
-        "fit",
-        "--config",
-        str(config),
         *extra,
         f"--model.model.init_args.n_sprites={k}",
         f"--trainer.default_root_dir={run_folder}",
@@ -255,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     if problem is not None:
         print(f"{PROG}: error: {problem}", file=sys.stderr)
         return 2
-    from dti_sprites.cli import main as cli_main
+    from dti_sprites.cli import build
+    from dti_sprites.io import DataSourceError
 
     try:
         base = yaml.safe_load(args.config.read_text()) or {}
@@ -277,7 +274,10 @@ def main(argv: list[str] | None = None) -> int:
         argv0 = sys.argv
         sys.argv = sys.argv[:1]  # the fit's arguments are ours, not this command's
         try:
-            cli_main(fit_args(config, k, folder, args.window, extra))
+            build(config, fit_overrides(k, folder, args.window, extra)).fit()
+        except DataSourceError as err:
+            print(f"{PROG}: error: {err}", file=sys.stderr)
+            return 2
         finally:
             sys.argv = argv0
             _finish_wandb()

@@ -1,6 +1,7 @@
-"""Shared pieces of the resume tests (issue 19): small versions of the experiment configs run
-through the CLI, callbacks that record a run's final state, hold a step until a signal arrives
-or crash the run, and the comparison of two final states."""
+"""Shared pieces of the resume tests (issue 19): small versions of the experiment configs (a
+delta config on each, run through the CLI with both ``--config``), callbacks that record a
+run's final state, hold a step until a signal arrives or crash the run, and the comparison of
+two final states."""
 
 from __future__ import annotations
 
@@ -26,23 +27,26 @@ def small_config(
     out: Path,
     callbacks: dict[str, dict[str, Any]] | None = None,
     extra: list[dict[str, Any]] | None = None,
-) -> Path:
-    """experiments/<name>.yaml with the init_args of its callbacks changed and ``extra``
-    callbacks appended, written to ``out``. ``callbacks`` is keyed by class name (every
-    callback of that class) or ``"<class name>#<i>"`` (the i-th of that class); its
-    ``"LRDrops"`` entry changes the module's ``lr_drops``."""
-    config = yaml.safe_load((EXPERIMENTS / f"{name}.yaml").read_text())
+) -> list[Path]:
+    """``[experiments/<name>.yaml, out]``: the experiment config and a delta written to ``out``
+    that changes the init_args of its callbacks and appends ``extra`` callbacks (a list in a
+    later config replaces the list, so the delta holds the config's callbacks, changed).
+    ``callbacks`` is keyed by class name (every callback of that class) or
+    ``"<class name>#<i>"`` (the i-th of that class)."""
+    base = EXPERIMENTS / f"{name}.yaml"
+    entries = yaml.safe_load(base.read_text())["trainer"]["callbacks"]
     seen: dict[str, int] = {}
-    for entry in config["trainer"]["callbacks"]:
+    for entry in entries:
         cls = entry["class_path"].rpartition(".")[2]
         i = seen[cls] = seen.get(cls, -1) + 1
         for key in (cls, f"{cls}#{i}"):
             entry.setdefault("init_args", {}).update((callbacks or {}).get(key, {}))
+    delta: dict = {"trainer": {"callbacks": entries + (extra or [])}}
     if "LRDrops" in (callbacks or {}):  # the LR drops are the module's (model.lr_drops)
-        config["model"].setdefault("lr_drops", {}).update(callbacks["LRDrops"])
-    config["trainer"]["callbacks"] += extra or []
-    out.write_text(yaml.safe_dump(config))
-    return out
+        lr_drops = dict(yaml.safe_load(base.read_text())["model"].get("lr_drops") or {})
+        delta["model"] = {"lr_drops": {**lr_drops, **callbacks["LRDrops"]}}
+    out.write_text(yaml.safe_dump(delta))
+    return [base, out]
 
 
 class Snapshot(L.Callback):
@@ -135,12 +139,12 @@ DDP_DEMO_SCHEDULES = {  # 5 steps per epoch
 }
 
 
-def cli_args(config: Path, data: Path, root: Path, *more: str) -> list[str]:
-    """``fit`` arguments of a small run: ``data`` generated on first use, no logger."""
+def cli_args(configs: list[Path], data: Path, root: Path, *more: str) -> list[str]:
+    """``fit`` arguments of a small run of ``configs`` (a base, then deltas): ``data``
+    generated on first use, no logger."""
     return [
         "fit",
-        "--config",
-        str(config),
+        *(arg for config in configs for arg in ("--config", str(config))),
         f"--data.init_args.path={data}",
         "--data.init_args.generate=48",
         "--data.init_args.train_size=40",

@@ -97,6 +97,9 @@ def test_the_headline_command_without_its_data_file_says_so_in_one_line(tmp_path
     assert last.startswith("dti-sprites: error: data/multi_dsprites_colored_on_grayscale.h5 not")
     assert "dti-sprites-data download --dataset multi_dsprites" in last
     assert not root.exists() and not (tmp_path / "wandb").exists()
+    assert not list(tmp_path.iterdir())  # nothing written anywhere
+    output = result.stdout + result.stderr
+    assert "GPU available" not in output and "W&B" not in output  # checked before the trainer
 
 
 def _truncated(source: Path, path: Path) -> Path:
@@ -117,8 +120,12 @@ def _without_mask(source: Path, path: Path) -> Path:
     [(_truncated, "not a readable HDF5 file"), (_without_mask, "'mask'")],
 )
 def test_a_broken_data_file_ends_the_run_in_one_line_naming_it(
-    damage, expected, experiment_data, tmp_path, capsys
+    damage, expected, experiment_data, tmp_path, capsys, monkeypatch
 ):
+    """The demo's config (W&B logger, checkpoints) on a truncated file or one without a key:
+    one line, exit status 2, and nothing written: no root, no W&B run, no folder anywhere."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "offline")
     path = damage(experiment_data["TetrominoesDataModule"], tmp_path / "broken.h5")
     root = tmp_path / "run"
     with pytest.raises(SystemExit) as exit_:
@@ -134,7 +141,9 @@ def test_a_broken_data_file_ends_the_run_in_one_line_naming_it(
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"dti-sprites: error: {path}") and expected in err[-1]
-    assert not root.exists()
+    assert "Traceback" not in "\n".join(err)
+    assert list(tmp_path.iterdir()) == [path]  # no root, no wandb/, nothing else
+    assert wandb.run is None
 
 
 def test_sprite_canvas_larger_than_the_image_is_rejected_before_training(tmp_path):
