@@ -29,7 +29,9 @@ def test_save_weights_round_trips_the_model_and_keeps_no_training_state(tmp_path
     stored = torch.load(path, weights_only=True)
     assert set(stored) == {"dti_sprites_model", "state_dict"}  # no optimizer or callback state
     loaded = DTISprites.from_checkpoint(path)
-    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+    for (name, a), (_, b) in zip(
+        model.state_dict().items(), loaded.state_dict().items(), strict=True
+    ):
         assert torch.equal(a, b), name
     x = torch.rand(2, 3, model.image_size, model.image_size)
     with torch.no_grad():
