@@ -59,7 +59,9 @@ class Ours:
         experiment = build(config, overrides, trainer=False)
         self.module = experiment.model
         self.model = self.module.model
-        self.optimizer = self.module.configure_optimizers()
+        optimizer = self.module.configure_optimizers()
+        # with the config's LR drops: this loop runs no trainer and no scheduler (first steps only)
+        self.optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
         holder = SimpleNamespace(model=self.model)
         for cls in (Curriculum, SpriteFreeze):  # the config's, or the defaults
             mine = [c for c in experiment.callbacks if isinstance(c, cls)] or [cls()]
