@@ -69,9 +69,7 @@ def profile_config(config: str, steps: int, batch: int | None, precision: str, d
     model = module.model
     instrument(model)
     images = torch.rand(batch, 3, model.image_size, model.image_size, device=device)
-    optimizer = module.configure_optimizers()
-    if isinstance(optimizer, dict):  # with the config's LR drops (a scheduler: no part of a step)
-        optimizer = optimizer["optimizer"]
+    optimizer = module.make_optimizer()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
     def step() -> None:

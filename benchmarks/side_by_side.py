@@ -59,9 +59,7 @@ class Ours:
         experiment = build(config, overrides, trainer=False)
         self.module = experiment.model
         self.model = self.module.model
-        optimizer = self.module.configure_optimizers()
-        # with the config's LR drops: this loop runs no trainer and no scheduler (first steps only)
-        self.optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
+        self.optimizer = self.module.make_optimizer()  # no trainer: no LR drops (first steps)
         holder = SimpleNamespace(model=self.model)
         for cls in (Curriculum, SpriteFreeze):  # the config's, or the defaults
             mine = [c for c in experiment.callbacks if isinstance(c, cls)] or [cls()]

@@ -97,9 +97,7 @@ def benchmark(
     model = module.model
     size = model.image_size
     images = torch.rand(batch, 3, size, size, device=device)
-    optimizer = module.configure_optimizers()  # the config's, e.g. repeated encoder updates
-    if isinstance(optimizer, dict):  # with the config's LR drops (a scheduler: no part of a step)
-        optimizer = optimizer["optimizer"]
+    optimizer = module.make_optimizer()  # the config's, e.g. repeated encoder updates
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     autocast = torch.autocast(device.type, dtype=dtype, enabled=precision == "bf16")
 

@@ -401,14 +401,20 @@ class DTISpritesModule(L.LightningModule):
             )
         return gammas
 
+    def make_optimizer(self) -> Adam:
+        """Adam over :meth:`parameter_groups`, without the LR drops' scheduler: the optimizer
+        of :meth:`configure_optimizers`, for a loop that runs no trainer (the benchmarks)."""
+        return Adam(self.parameter_groups())
+
     def configure_optimizers(self) -> torch.optim.Optimizer | dict[str, Any]:
         """Adam over :meth:`parameter_groups`; with LR drops, also their scheduler, which
         Lightning steps after every optimizer step or at every epoch's end (``interval``)."""
-        groups = self.parameter_groups()
-        optimizer = Adam(groups)
+        optimizer = self.make_optimizer()
         if not self.lr_drops.milestones:
             return optimizer
-        scheduler = MilestoneDrops(optimizer, self.lr_drops.milestones, self.lr_gammas(groups))
+        scheduler = MilestoneDrops(
+            optimizer, self.lr_drops.milestones, self.lr_gammas(optimizer.param_groups)
+        )
         return {
             "optimizer": optimizer,
             "lr_scheduler": {

@@ -55,18 +55,7 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path, squa
     assert resumed_trainer.global_step == full_trainer.global_step == EPOCHS * BATCHES
     events = next(c for c in resumed_trainer.callbacks if isinstance(c, SpriteReassignment)).events
     assert sorted({e["step"] for e in events}) == [4, 8, 12]  # restored across the resume
-    for (name, a), (_, b) in zip(
-        full.state_dict().items(), resumed.state_dict().items(), strict=True
-    ):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
-    full_opt = full_trainer.optimizers[0].state_dict()
-    resumed_opt = resumed_trainer.optimizers[0].state_dict()
-    assert [g["lr"] for g in full_opt["param_groups"]] == [
-        g["lr"] for g in resumed_opt["param_groups"]
-    ]
-    for key, state in full_opt["state"].items():
-        for field, value in state.items():
-            torch.testing.assert_close(value, resumed_opt["state"][key][field], rtol=0, atol=0)
+    assert_same_training_state(full_trainer, full, resumed_trainer, resumed)
 
 
 def assert_same_training_state(full_trainer, full, resumed_trainer, resumed):
