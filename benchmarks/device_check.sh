@@ -8,7 +8,9 @@
 # the date and the device name:
 #   1. benchmarks/train_step.py for tetrominoes, multidsprites and clevr6 at batch 32 and 128,
 #      fp32 and bf16 autocast (images/s, peak GPU memory, encoder share); then with the encoder
-#      compiled (torch.compile), fp32 and bf16, at batch 32 for tetrominoes and clevr6;
+#      compiled (torch.compile), fp32 and bf16, at batch 32 for tetrominoes and clevr6; then
+#      with the selection on a coarse grid (select_downscale 2), fp32 and bf16, at batch 32 for
+#      multidsprites and clevr6;
 #   2. a short Tetrominoes training of the paper config and of the fast recipe through
 #      benchmarks/convergence.py: held-out ARI-FG / ARI / mACC / mIoU after a fixed number of
 #      steps, on generated data (no download).
@@ -31,7 +33,7 @@ if ! "$python" -c "import dti_sprites.cli" 2>/dev/null; then
 fi
 
 if ((tiny)); then
-  step_args=(--steps 1 --warmup 0)
+  step_args=(--steps 1 --warmup 0 --same-process)  # one process start per call
   batches=(2)
   compile_batch=2
   compiled=(--config tetrominoes --encoder resnet8 --steps 1 --warmup 1)  # quick on a CPU
@@ -54,16 +56,15 @@ log="$out/device_check.md"
   echo
   echo '```'
   for batch in "${batches[@]}"; do
-    for precision in 32 bf16; do
-      "$python" benchmarks/train_step.py --config tetrominoes multidsprites clevr6 \
-        --batch "$batch" --precision "$precision" "${step_args[@]}" 2>&1 |
-        grep -E '^(device|config)=' | sed "s/^/batch=$batch /"
-    done
+    "$python" benchmarks/train_step.py --config tetrominoes multidsprites clevr6 \
+      --batch "$batch" --precision 32 bf16 "${step_args[@]}" 2>&1 |
+      grep -E '^(device|config)=' | sed "s/^/batch=$batch /"
   done
-  for precision in 32 bf16; do
-    "$python" benchmarks/train_step.py "${compiled[@]}" --batch "$compile_batch" \
-      --precision "$precision" --compile 2>&1 | grep -E '^config=' | sed "s/^/batch=$compile_batch /"
-  done
+  "$python" benchmarks/train_step.py "${compiled[@]}" --batch "$compile_batch" \
+    --precision 32 bf16 --compile 2>&1 | grep -E '^config=' | sed "s/^/batch=$compile_batch /"
+  "$python" benchmarks/train_step.py --config multidsprites clevr6 --batch "$compile_batch" \
+    --precision 32 bf16 --select-downscale 2 "${step_args[@]}" 2>&1 |
+    grep -E '^config=' | sed "s/^/batch=$compile_batch /"
   for config in tetrominoes tetrominoes_fast; do
     "$python" benchmarks/convergence.py --config "$config" --seeds 0 --threads 4 \
       --out "$out" "${train[@]}" >"$out/$config.log" 2>&1 ||

@@ -1,15 +1,15 @@
 """Time full training steps of the paper's configurations.
 
     python benchmarks/train_step.py --config tetrominoes multidsprites clevr6 [--steps N]
-        [--threads T] [--batch B] [--warmup W] [--encoder resnet8] [--precision bf16]
-        [--compile]
+        [--threads T] [--batch B] [--warmup W] [--encoder resnet8] [--precision 32 bf16]
+        [--compile] [--select-downscale F] [--same-process]
 
 A step is what training does: forward (encoder, heads, rendering of every candidate, greedy
 selection), rendering of the selected sprites, MSE, backward and the config's Adam (with its
 repeated encoder updates) — with every curriculum
 stage on, sprites unfrozen and mask noise on. The model comes from ``experiments/NAME.yaml``
 (or a YAML path), built as ``dti-sprites fit`` builds it (:func:`dti_sprites.cli.build`).
-Prints one line per config:
+Prints one line per config and precision:
 
     config=NAME precision=P compile=C img_per_s=X peak_mb=Y encoder_ratio=R
 
@@ -17,11 +17,15 @@ Prints one line per config:
 step, measured in the same run (how much the sprite machinery costs on top of the CNN).
 ``--encoder`` replaces the config's encoder (the line then says ``config=NAME/ENCODER``).
 ``peak_mb`` is the peak GPU memory allocated on CUDA, the peak resident memory of the process
-on the CPU. Runs on the GPU when one is present (``--device cpu`` to force the CPU).
+on the CPU. Runs on the GPU when one is present (``--device cpu`` to force the CPU). Each config
+runs in its own process, so that peak memory is per config; ``--same-process`` runs them all in
+this one (quicker to start; peak memory is then the process's so far).
 ``--precision bf16`` runs forward and loss under ``torch.autocast`` in bfloat16 (what
 ``--trainer.precision=bf16-mixed`` does in training; parameters and Adam stay fp32).
 ``--compile`` sets the model's ``compile`` switch: the encoder and the greedy selection
 compiled with ``torch.compile`` (the compilation happens in the warm-up steps, untimed).
+``--select-downscale F`` sets the model's ``select_downscale`` switch: candidates rendered and
+scored on an (H/F)×(W/F) grid (docs/method.md §11); the line then says ``select_downscale=F``.
 """
 
 from __future__ import annotations
@@ -41,10 +45,16 @@ from dti_sprites.module import DTISpritesModule
 
 
 def build_module(
-    config: str, device: torch.device, encoder: str | None = None, compile: bool = False
+    config: str,
+    device: torch.device,
+    encoder: str | None = None,
+    compile: bool = False,
+    select_downscale: int = 1,
 ) -> tuple[DTISpritesModule, int]:
     """The config's module (seed 0) in its training state on ``device``, and its batch size."""
     overrides = ["--seed_everything=0", "--trainer.logger=false"]
+    if select_downscale != 1:
+        overrides.append(f"--model.model.init_args.select_downscale={select_downscale}")
     if encoder:
         overrides.append(f"--model.model.init_args.encoder={encoder}")
     if compile:
@@ -91,8 +101,9 @@ def benchmark(
     encoder: str | None = None,
     precision: str = "32",
     compile_encoder: bool = False,
+    select_downscale: int = 1,
 ) -> None:
-    module, default_batch = build_module(config, device, encoder, compile_encoder)
+    module, default_batch = build_module(config, device, encoder, compile_encoder, select_downscale)
     batch = batch or default_batch
     model = module.model
     size = model.image_size
@@ -123,8 +134,9 @@ def benchmark(
     memory = peak_mb(device)
     encoder_time = timed(encoder_step, steps, warmup, device)
     name = f"{config}/{encoder}" if encoder else config
+    downscale = f" select_downscale={select_downscale}" if select_downscale != 1 else ""
     print(
-        f"config={name} precision={precision} compile={int(compile_encoder)} "
+        f"config={name} precision={precision} compile={int(compile_encoder)}{downscale} "
         f"img_per_s={batch / step_time:.1f} peak_mb={memory:.0f} "
         f"encoder_ratio={step_time / encoder_time:.2f}",
         flush=True,
@@ -142,28 +154,36 @@ def main() -> None:
     parser.add_argument(
         "--encoder", default=None, choices=get_args(EncoderName), help="default: the config's"
     )
-    parser.add_argument("--precision", choices=["32", "bf16"], default="32")
+    parser.add_argument("--precision", nargs="+", choices=["32", "bf16"], default=["32"])
     parser.add_argument("--compile", action="store_true", help="the model's compile switch")
+    parser.add_argument(
+        "--select-downscale", type=int, default=1, help="the model's select_downscale switch"
+    )
+    parser.add_argument("--same-process", action="store_true", help="every config in this one")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    if len(args.config) > 1:  # one process per config, so that peak memory is per config
+    if len(args.config) > 1:
         print(f"device={device} threads={torch.get_num_threads()} torch={torch.__version__}")
+    if len(args.config) > 1 and not args.same_process:  # peak memory per config
         for config in args.config:
             rest = [a for a in sys.argv[1:] if a not in args.config and a != "--config"]
             subprocess.run([sys.executable, __file__, "--config", config, *rest], check=True)
         return
-    benchmark(
-        args.config[0],
-        args.steps,
-        args.warmup,
-        args.batch,
-        device,
-        args.encoder,
-        args.precision,
-        args.compile,
-    )
+    for config in args.config:
+        for precision in args.precision:
+            benchmark(
+                config,
+                args.steps,
+                args.warmup,
+                args.batch,
+                device,
+                args.encoder,
+                precision,
+                args.compile,
+                args.select_downscale,
+            )
 
 
 if __name__ == "__main__":

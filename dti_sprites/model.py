@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from dti_sprites.compose import (
     Occlusion,
@@ -172,6 +173,13 @@ class DTISprites(nn.Module):
         compile: compile the encoder and the greedy selection with ``torch.compile`` (fused
             kernels; the first steps pay the compilation). Same arithmetic up to floating-point
             reassociation, so a near-tie may choose differently: off in the paper configs.
+        select_downscale: with f > 1 the selection renders and scores the candidates at
+            (H/f)×(W/f) (the image and backgrounds area-averaged, the candidates sampled on
+            the coarse grid), f² times fewer pixels; the chosen sprites are then rendered at
+            full size, so the loss and its gradients are the paper's for those choices. Not in
+            the paper: a fast-recipe switch (docs/method.md §11), 1 (off) in the paper configs.
+            f must divide ``image_size``, and ``layer_transforms`` must end with ``position``
+            (``color`` may follow it).
     """
 
     def __init__(
@@ -198,6 +206,7 @@ class DTISprites(nn.Module):
         hidden: PositiveInt = 128,
         orientations: NonNegativeInt = 0,
         compile: bool = False,
+        select_downscale: PositiveInt = 1,
     ) -> None:
         config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
@@ -238,6 +247,7 @@ class DTISprites(nn.Module):
         ]  # the first one takes the orientation turns
         self._turned = geometric[0] if geometric and orientations > 1 else None
         self.orientations = int(orientations)
+        self.select_downscale = int(select_downscale)
         self._greedy = greedy_select
         if compile:
             self.encoder.compile()  # in place: the state dict keys stay the same
@@ -275,6 +285,16 @@ class DTISprites(nn.Module):
                     "orientations > 1 needs 'similarity' or 'affine' as the first geometric "
                     f"sprite transformation, got {list(args['sprite_transforms'])}"
                 )
+        f = args["select_downscale"]
+        if f > 1 and args["image_size"] % f:
+            raise ValueError(
+                f"select_downscale ({f}) must divide image_size ({args['image_size']})"
+            )
+        if f > 1 and not TransformSequence.can_resize(args["layer_transforms"]):
+            raise ValueError(
+                f"select_downscale > 1 needs layer_transforms ending with 'position' (then only "
+                f"'color'), got {list(args['layer_transforms'])}"
+            )
         if args["occlusion"] == "predicted" and args["n_layers"] < 2:
             raise ValueError("occlusion='predicted' needs n_layers >= 2")
 
@@ -443,18 +463,20 @@ class DTISprites(nn.Module):
         sprite_params: list[Tensor | None],
         layer_params: list[Tensor | None],
         noise: Tensor | None,
+        out_size: tuple[int, int] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Sprite then layer transformations, then mask noise.
 
         canvas (N, S, C+2, h, w); sprite_params per module (N·S, P); layer_params per module
-        (N, P); noise broadcastable to (N, S, 1, H, W) or None.
+        (N, P); noise broadcastable to (N, S, 1, H, W) or None; ``out_size`` (H, W) if not
+        the image's (the coarse grid of ``select_downscale``).
         Returns rgb (N, S, C, H, W) and alpha (N, S, 1, H, W).
         """
         n, s = canvas.shape[:2]
         if len(self.sprite_transforms):
             flat = canvas.reshape(n * s, 1, *canvas.shape[2:])  # (N·S, 1, C+2, h, w)
             canvas = self.sprite_transforms(flat, sprite_params).view(n, s, *canvas.shape[2:])
-        out = self.layer_transforms(canvas, layer_params)  # (N, S, C+2, H, W)
+        out = self.layer_transforms(canvas, layer_params, out_size)  # (N, S, C+2, H, W)
         rgb, alpha, support = out.split([out.shape[2] - 2, 1, 1], dim=2)
         if noise is not None:
             alpha = softclip(alpha + noise * support)
@@ -503,16 +525,23 @@ class DTISprites(nn.Module):
         sprites = canvases[:k0].repeat_interleave(turns, 0) if turns > 1 else canvases[:k0]
         cand_canvas = sprites.expand(b * n_layers, -1, -1, -1, -1)  # (B·L, K, C+2, h, w)
         flat_sprite_p = [None if p is None else p.reshape(b * n_layers * k, -1) for p in sprite_p]
+        f = self.select_downscale  # candidates scored on an (H/f)×(W/f) grid
+        out_size = None if f == 1 else (self.image_size // f, self.image_size // f)
         cand_noise = None
         if noise is not None:
             cand_noise = noise[:k0].repeat_interleave(turns, 0) if turns > 1 else noise[:k0]
-            cand_noise = cand_noise[None]  # (1, K, 1, H, W)
+            cand_noise = cand_noise[None, ..., ::f, ::f]  # (1, K, 1, H/f, W/f): same law
         rgb, alpha = self._render(
-            cand_canvas, flat_sprite_p, layer_p, cand_noise
-        )  # (B·L, K, C, H, W), (B·L, K, 1, H, W)
-        rgb = rgb.view(b, n_layers, *rgb.shape[1:])  # (B, L, K, C, H, W)
-        alpha = alpha.view(b, n_layers, *alpha.shape[1:])  # (B, L, K, 1, H, W)
+            cand_canvas, flat_sprite_p, layer_p, cand_noise, out_size
+        )  # (B·L, K, C, H/f, W/f), (B·L, K, 1, H/f, W/f)
+        rgb = rgb.view(b, n_layers, *rgb.shape[1:])  # (B, L, K, C, H/f, W/f)
+        alpha = alpha.view(b, n_layers, *alpha.shape[1:])  # (B, L, K, 1, H/f, W/f)
         backgrounds = self._render_backgrounds(b, bg_p)  # (B, M, C, H, W)
+        if f > 1:
+            image = F.avg_pool2d(image, f)  # (B, C, H/f, W/f)
+            backgrounds = F.avg_pool2d(backgrounds.flatten(0, 1), f).view(
+                *backgrounds.shape[:3], *image.shape[2:]
+            )  # (B, M, C, H/f, W/f)
         penalty = self.candidate_penalty().to(image.dtype)
         if turns > 1:  # each sprite's cost for each of its orientations, then the empty one's
             penalty = torch.cat([penalty[:k0].repeat_interleave(turns), penalty[k0:]])

@@ -73,8 +73,11 @@ class AffineFamily(Transformation):
     def theta(self, params: Tensor) -> Tensor:  # (N, P) -> (N, 2, 3)
         raise NotImplementedError
 
-    def forward(self, x: Tensor, params: Tensor) -> Tensor:
-        return self._sample(x, self.theta(params), self.out_size)
+    def forward(self, x: Tensor, params: Tensor, out_size: tuple[int, int] | None = None) -> Tensor:
+        """x (N, S, C', h, w) → (N, S, C', H', W'), sampled on an ``out_size`` grid (default:
+        the module's) that spans the same normalised frame: a smaller one is the same
+        picture at a lower resolution."""
+        return self._sample(x, self.theta(params), out_size or self.out_size)
 
     def inverse(self, y: Tensor, params: Tensor, in_size: tuple[int, int]) -> Tensor:
         """Output-space stacks back to input coordinates: (N, S, C', H', W') -> (N, S, C', h, w).
@@ -362,11 +365,33 @@ class TransformSequence(nn.Module):
         n_active = int(self.n_active)
         return [head(features) if i < n_active else None for i, head in enumerate(self.heads)]
 
-    def forward(self, x: Tensor, params: Sequence[Tensor | None]) -> Tensor:
-        """Apply to a stack x (N, S, C', h, w) with per-module params (N, P) → (N, S, C', H, W)."""
+    def forward(
+        self,
+        x: Tensor,
+        params: Sequence[Tensor | None],
+        out_size: tuple[int, int] | None = None,
+    ) -> Tensor:
+        """Apply to a stack x (N, S, C', h, w) with per-module params (N, P) → (N, S, C', H, W).
+
+        ``out_size`` (H', W') renders the same picture on a coarser grid: the ``position``
+        module samples the canvas there. Only ``color`` may follow ``position`` then
+        (:meth:`can_resize`).
+        """
         for transform, p in zip(self.transforms, params, strict=True):
             if p is None and isinstance(transform, PositionTransform):
                 p = x.new_zeros(len(x), transform.n_params)
-            if p is not None:
+            if p is None:
+                continue
+            if out_size is not None and isinstance(transform, PositionTransform):
+                x = transform(x, p, out_size)
+            else:
                 x = transform(x, p)
         return x
+
+    @staticmethod
+    def can_resize(names: Sequence[str]) -> bool:
+        """Whether ``forward(out_size=…)`` renders these modules on another grid: a
+        ``position`` module with nothing but ``color`` after it."""
+        if "position" not in names:
+            return False
+        return all(name == "color" for name in names[list(names).index("position") + 1 :])

@@ -40,6 +40,10 @@ def test_device_check_runs_on_the_cpu_and_appends_its_results(tmp_path):
     for precision in ("32", "bf16"):  # the compiled encoder (ResNet-8 in --tiny)
         line = rf"batch=2 config=tetrominoes/resnet8 precision={precision} compile=1 img_per_s="
         assert re.search(line, text), precision
+    for config in ("multidsprites", "clevr6"):  # candidates scored on the coarse grid
+        for precision in ("32", "bf16"):
+            line = rf"batch=2 config={config} precision={precision} compile=0 select_downscale=2 "
+            assert re.search(line + r"img_per_s=[\d.]+", text), (config, precision)
     for config in ("tetrominoes", "tetrominoes_fast"):
         section = text.split(f"convergence {config} ")[1]
         # step 4: seconds, ARI-FG, ARI, mACC, mIoU, sprites in use
