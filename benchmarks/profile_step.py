@@ -1,7 +1,7 @@
 """Where a training step goes, per phase (torch.profiler), for the paper's configurations.
 
     python benchmarks/profile_step.py --config tetrominoes multidsprites clevr6 [--steps 3]
-        [--threads 2] [--batch B] [--precision bf16]
+        [--threads 2] [--batch B] [--precision bf16] [--select-downscale F]
 
 The step is :mod:`train_step`'s (every curriculum stage on, sprites unfrozen, mask noise on,
 the config's Adam). The model's phases are labelled from outside (its methods wrapped in
@@ -58,13 +58,15 @@ def instrument(model: torch.nn.Module) -> None:
 
     model._render = render_labelled
     model._render_backgrounds = labelled("render", model._render_backgrounds)
-    model_module.greedy_select = labelled("select/greedy", model_module.greedy_select)
+    model._greedy = labelled("select/greedy", model._greedy)  # bound at construction
     model_module.exhaustive_select = labelled("select/greedy", model_module.exhaustive_select)
     model_module.compose = labelled("compose", model_module.compose)
 
 
-def profile_config(config: str, steps: int, batch: int | None, precision: str, device) -> None:
-    module, default_batch = build_module(config, device)  # seed 0
+def profile_config(
+    config: str, steps: int, batch: int | None, precision: str, device, select_downscale: int = 1
+) -> None:
+    module, default_batch = build_module(config, device, select_downscale=select_downscale)
     batch = batch or default_batch
     model = module.model
     instrument(model)
@@ -89,7 +91,9 @@ def profile_config(config: str, steps: int, batch: int | None, precision: str, d
             step()
     totals = {e.key: e.cpu_time_total / 1000 / steps for e in prof.key_averages()}  # ms
     total = totals["step"]
-    print(f"\n{config} (batch {batch}, {precision}, {torch.get_num_threads()} threads, {device})\n")
+    coarse = f", select_downscale {select_downscale}" if select_downscale != 1 else ""
+    threads = torch.get_num_threads()
+    print(f"\n{config} (batch {batch}, {precision}, {threads} threads, {device}{coarse})\n")
     print("| phase | ms per step | share of the step |")
     print("|---|---|---|")
     for phase in ["forward", *PHASES, "backward", "optimizer"]:
@@ -107,11 +111,17 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None, help="default: the config's")
     parser.add_argument("--precision", choices=["32", "bf16"], default="32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--select-downscale", type=int, default=1, help="the model's select_downscale switch"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     for config in args.config:
-        profile_config(config, args.steps, args.batch, args.precision, torch.device(args.device))
+        device = torch.device(args.device)
+        profile_config(
+            config, args.steps, args.batch, args.precision, device, args.select_downscale
+        )
 
 
 if __name__ == "__main__":
