@@ -168,31 +168,41 @@ class SpriteSeeding(ScheduledCallback):
             if self.centre:
                 crops = centre_crops(crops, size)
             event["crops"] = len(crops)
-            seed = self.seed + len(self.events)
-            assignment = None if kind != "refit" else choices
-            if kind != "refit" and self.normalise_scale:
-                crops, event["radius"] = normalise_crops(crops, size)
-            if kind != "refit" and self.rotations:
-                new, assignment, crops = invariant_kmeans(
-                    crops, k0, size, self.rotations, seed=seed
+            needed = 1 if kind == "refit" else k0  # k-means needs a crop per centre
+            if len(crops) < needed:
+                rank_zero_warn(
+                    f"SpriteSeeding: {len(crops)} crops at step {step} ({kind}), fewer than "
+                    f"{needed}: the masks are kept (isolated_only / min_pixels may leave none)"
                 )
-                new = new.to(masks)
-            elif kind != "refit":
-                new = kmeans_masks(crops, k0, seed).to(new)
+                event["skipped"] = True
             else:
-                if self.rotations:
-                    means, counts, crops = invariant_refit(
-                        crops, choices, new.to(crops), size, self.rotations, self.refit_scales
+                seed = self.seed + len(self.events)
+                assignment = None if kind != "refit" else choices
+                if kind != "refit" and self.normalise_scale:
+                    crops, event["radius"] = normalise_crops(crops, size)
+                if kind != "refit" and self.rotations:
+                    new, assignment, crops = invariant_kmeans(
+                        crops, k0, size, self.rotations, seed=seed
                     )
+                    new = new.to(masks)
+                elif kind != "refit":
+                    new = kmeans_masks(crops, k0, seed).to(new)
                 else:
-                    means, counts = refit_masks(crops, choices, k0)
-                refit = counts >= self.min_count
-                new[refit] = means[refit].to(new)
-                event["refit"] = int(refit.sum())
-            if self.split_merge_moves:
-                centres, moves = split_merge(crops, new, assignment, self.split_merge_moves, seed)
-                new = centres.to(new).clamp(0, 1)
-                event["moves"] = moves
+                    if self.rotations:
+                        means, counts, crops = invariant_refit(
+                            crops, choices, new.to(crops), size, self.rotations, self.refit_scales
+                        )
+                    else:
+                        means, counts = refit_masks(crops, choices, k0)
+                    refit = counts >= self.min_count
+                    new[refit] = means[refit].to(new)
+                    event["refit"] = int(refit.sum())
+                if self.split_merge_moves:
+                    centres, moves = split_merge(
+                        crops, new, assignment, self.split_merge_moves, seed
+                    )
+                    new = centres.to(new).clamp(0, 1)
+                    event["moves"] = moves
         self.crops, self.choices = [], []
         new = trainer.strategy.broadcast(new.to(pl_module.device), src=0)
         with torch.no_grad():

@@ -163,11 +163,23 @@ class ProjectiveTransform(Transformation):
 
     n_params = 8
 
-    def forward(self, x: Tensor, params: Tensor) -> Tensor:
+    def homography(self, params: Tensor) -> Tensor:
+        """H (N, 3, 3), mapping output to input coordinates (homogeneous)."""
         eye = torch.eye(3, dtype=params.dtype, device=params.device)
-        hom = eye + F.pad(params, (0, 1)).view(-1, 3, 3)  # (N, 3, 3)
-        grid = pixel_grid(self.out_size, params)
-        points = F.pad(grid, (0, 1), value=1.0)  # (H', W', 3)
+        return eye + F.pad(params, (0, 1)).view(-1, 3, 3)  # (N, 3, 3)
+
+    def forward(self, x: Tensor, params: Tensor) -> Tensor:
+        return self._sample(x, self.homography(params), self.out_size)
+
+    def inverse(self, y: Tensor, params: Tensor, in_size: tuple[int, int]) -> Tensor:
+        """Output-space stacks back to input coordinates (the homography's inverse matrix):
+        (N, S, C', H', W') -> (N, S, C', h, w), zero outside the output."""
+        return self._sample(y, torch.linalg.inv(self.homography(params)), in_size)
+
+    @staticmethod
+    def _sample(x: Tensor, hom: Tensor, size: tuple[int, int]) -> Tensor:
+        """x sampled at H·[p, 1] (dehomogenised) for every pixel p of a ``size`` grid."""
+        points = F.pad(pixel_grid(size, hom), (0, 1), value=1.0)  # (H', W', 3)
         mapped = points @ hom[:, None].transpose(-1, -2)  # (N, H', W', 3)
         z = mapped[..., 2:]
         z = torch.where(z >= 0, z.clamp(min=1e-6), z.clamp(max=-1e-6))
@@ -328,9 +340,10 @@ class TransformSequence(nn.Module):
         """Undo the geometry of the active modules: output-space stacks (N, S, C', H, W) back to
         input coordinates (N, S, C', h, w), e.g. a layer's pixels into its sprite's canvas.
 
-        Colour is not undone (every channel is moved, none recoloured). Only the affine family
-        (``position``, ``similarity``, ``affine``) can be inverted in closed form; an active
-        ``projective`` or ``tps`` module raises ``NotImplementedError``.
+        Colour is not undone (every channel is moved, none recoloured). The affine family
+        (``position``, ``similarity``, ``affine``) and ``projective`` (the homography's
+        inverse matrix) are inverted in closed form; an active ``tps`` module raises
+        ``NotImplementedError``.
         """
         sizes = [self.in_size]
         for transform in self.transforms[:-1]:
@@ -341,11 +354,11 @@ class TransformSequence(nn.Module):
                 p = y.new_zeros(len(y), transform.n_params)
             if p is None or isinstance(transform, ColorTransform):
                 continue
-            if not isinstance(transform, AffineFamily):
+            if not isinstance(transform, AffineFamily | ProjectiveTransform):
                 raise NotImplementedError(
                     f"{type(transform).__name__} has no closed-form inverse; sprite seeding "
-                    "needs layer transformations of the affine family (position, similarity, "
-                    "affine) and colour"
+                    "needs transformations of the affine family (position, similarity, "
+                    "affine), projective ones and colour"
                 )
             y = transform.inverse(y, p, in_size)
         return y

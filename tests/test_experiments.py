@@ -136,3 +136,62 @@ def test_demo_fit_test_predict_through_the_cli(experiment_data, tmp_path, monkey
         # ARI-FG's labels: every pixel given to a layer (1..L).
         assert f["instance_fg"].shape == (n, 35, 35)
         assert 1 <= f["instance_fg"][()].min() and f["instance_fg"][()].max() <= 3
+
+
+SEEDED = sorted(
+    p for p in BASES if "SpriteSeeding" in p.read_text()
+)  # the fast recipes and the demo
+SHORT_SCHEDULES = {  # every stage within 6 steps: sprites on and seeded at 3, refitted at 5
+    "Curriculum": {"sprite": [3]},  # the configs that list it count in steps
+    "SpriteSeeding": {"at_step": 3, "collect_steps": 2, "refit_every": 2, "refit_until": 5},
+    "SpriteFreeze": {"steps": 3},
+    "LayerReset": {"every_n_steps": 2},
+    "SpriteReassignment": {"every_n_steps": 2},
+    "SpriteDashboard": {"every_n_steps": 1000},
+}
+
+
+@pytest.mark.parametrize("config", SEEDED, ids=lambda p: p.stem)
+def test_seeded_config_runs_its_whole_schedule(config, experiment_data, tmp_path, monkeypatch):
+    """The one-step test above ends before a fast recipe's schedule acts: here the schedule is
+    compressed into 6 steps, so the sprite transformations switch on, the masks are seeded and
+    then refitted through the full warp (CLEVR6's projective one included)."""
+    from resume_helpers import small_config
+
+    monkeypatch.chdir(tmp_path)
+    spec = yaml.safe_load(config.read_text())
+    data_class = spec["data"]["class_path"].rsplit(".", 1)[1]
+    root = tmp_path / "run"
+    main(
+        [
+            "fit",
+            *(
+                a
+                for c in small_config(config.stem, tmp_path / "short.yaml", SHORT_SCHEDULES)
+                for a in ("--config", str(c))
+            ),
+            f"--data.init_args.path={experiment_data[data_class]}",
+            "--data.init_args.batch_size=2",
+            "--data.init_args.num_workers=0",
+            "--trainer.max_steps=6",
+            "--trainer.max_epochs=-1",
+            "--trainer.max_time=null",
+            "--trainer.limit_val_batches=1",
+            "--trainer.check_val_every_n_epoch=null",
+            "--trainer.val_check_interval=6",
+            "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={root}",
+        ]
+    )
+    checkpoint = torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["global_step"] == 6
+    (seeding,) = [v for k, v in checkpoint["callbacks"].items() if "SpriteSeeding" in k]
+    kinds = {event["step"]: event["kind"] for event in seeding["events"]}
+    assert kinds[3] == "seed" and kinds[5] == "refit"
+    state = checkpoint["state_dict"]
+    sprite_heads = [k for k in state if k.startswith("model.sprite_transforms.n_active")]
+    assert all(
+        int(state[k]) == len(spec["model"]["model"]["init_args"].get("sprite_transforms", []))
+        for k in sprite_heads
+    )  # every sprite transformation on
