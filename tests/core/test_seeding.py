@@ -156,6 +156,21 @@ def test_callback_freezes_until_it_seeds_then_refits(tmp_path):
     assert seeding.state_dict()["crops"] == []
 
 
+def test_a_seeding_without_enough_crops_keeps_the_masks(tmp_path):
+    """No layer has min_pixels pixels (the image has 400): no crop to cluster, so the seeding
+    and the refit keep the masks and say so in their events, instead of failing."""
+    model = opaque_model()
+    before = model.sprites.mask.detach().clone()
+    seeding = SpriteSeeding(at_step=3, collect_steps=2, refit_every=2, min_pixels=401)
+    train(tmp_path, model, [seeding], steps=5)
+    assert [(e["step"], e["kind"], e["crops"]) for e in seeding.events] == [
+        (3, "seed", 0),
+        (5, "refit", 0),
+    ]
+    assert all(e["skipped"] for e in seeding.events)
+    assert torch.equal(model.sprites.mask.detach(), before)
+
+
 def test_held_masks_keep_the_seeded_values_then_learn(tmp_path):
     """hold_masks=2 after a seeding at step 1: steps 2 and 3 leave the masks as seeded (the
     rest of the model learns), step 4 updates them."""
