@@ -176,33 +176,7 @@ class SpriteSeeding(ScheduledCallback):
                 )
                 event["skipped"] = True
             else:
-                seed = self.seed + len(self.events)
-                assignment = None if kind != "refit" else choices
-                if kind != "refit" and self.normalise_scale:
-                    crops, event["radius"] = normalise_crops(crops, size)
-                if kind != "refit" and self.rotations:
-                    new, assignment, crops = invariant_kmeans(
-                        crops, k0, size, self.rotations, seed=seed
-                    )
-                    new = new.to(masks)
-                elif kind != "refit":
-                    new = kmeans_masks(crops, k0, seed).to(new)
-                else:
-                    if self.rotations:
-                        means, counts, crops = invariant_refit(
-                            crops, choices, new.to(crops), size, self.rotations, self.refit_scales
-                        )
-                    else:
-                        means, counts = refit_masks(crops, choices, k0)
-                    refit = counts >= self.min_count
-                    new[refit] = means[refit].to(new)
-                    event["refit"] = int(refit.sum())
-                if self.split_merge_moves:
-                    centres, moves = split_merge(
-                        crops, new, assignment, self.split_merge_moves, seed
-                    )
-                    new = centres.to(new).clamp(0, 1)
-                    event["moves"] = moves
+                new = self._fit(kind, crops, choices, new, size, event)
         self.crops, self.choices = [], []
         new = trainer.strategy.broadcast(new.to(pl_module.device), src=0)
         with torch.no_grad():
@@ -210,6 +184,44 @@ class SpriteSeeding(ScheduledCallback):
         for optimizer in trainer.optimizers:
             reset_optimizer_state(optimizer, [(masks, (slice(None),))])  # the old masks' moments
         self.record(event)
+
+    def _fit(
+        self,
+        kind: str,
+        crops: torch.Tensor,
+        choices: torch.Tensor,
+        new: torch.Tensor,
+        size: tuple[int, int],
+        event: dict[str, Any],
+    ) -> torch.Tensor:
+        """The masks (K0, h·w) of a seeding / re-seeding (k-means) or a refit (the mean crop
+        of the layers that chose each sprite), then the split-merge moves; ``new`` holds the
+        current masks; what was done goes into ``event``."""
+        k0, current = len(new), new  # the masks' dtype and device
+        seed = self.seed + len(self.events)
+        assignment = None if kind != "refit" else choices
+        if kind != "refit" and self.normalise_scale:
+            crops, event["radius"] = normalise_crops(crops, size)
+        if kind != "refit" and self.rotations:
+            new, assignment, crops = invariant_kmeans(crops, k0, size, self.rotations, seed=seed)
+            new = new.to(current)
+        elif kind != "refit":
+            new = kmeans_masks(crops, k0, seed).to(new)
+        else:
+            if self.rotations:
+                means, counts, crops = invariant_refit(
+                    crops, choices, new.to(crops), size, self.rotations, self.refit_scales
+                )
+            else:
+                means, counts = refit_masks(crops, choices, k0)
+            refit = counts >= self.min_count
+            new[refit] = means[refit].to(new)
+            event["refit"] = int(refit.sum())
+        if self.split_merge_moves:
+            centres, moves = split_merge(crops, new, assignment, self.split_merge_moves, seed)
+            new = centres.to(new).clamp(0, 1)
+            event["moves"] = moves
+        return new
 
     def describe(self, event: dict[str, Any]) -> list[Event]:
         """A row for the seeding (``seed``), re-seeding (``reseed``) or refit (``refit``),
