@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 import scipy.io
@@ -8,6 +10,12 @@ from torch.utils.data import DataLoader
 from dti_sprites.datamodules.base import DTIDataModule
 from dti_sprites.datamodules.pipeline.convert import convert
 from dti_sprites.datamodules.pipeline.synth import write_synthetic
+
+# Under pytest-xdist (pyproject's `-n 2`) each worker takes its share of the cores, so that the
+# workers' torch threads do not oversubscribe the machine.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
 
 
 @pytest.fixture
