@@ -23,7 +23,10 @@ after it, which no screen sees; ``seconds`` since the start of training, validat
 previous row, the reassignment's threshold), ``seed<S>_sprites.png`` (the sprite bank at the
 end) and, once every seed is done, ``curves.png`` (the four scores against the step, one line
 per seed and protocol).
-``--checkpoint`` also saves the trained model as ``seed<S>.ckpt`` (to look at its decompositions).
+``--checkpoint`` also saves the trained model as ``seed<S>.ckpt`` (to look at its decompositions)
+after every validation and at the end, so a run stopped early keeps its last validated state:
+``--resume`` from its own folder with ``--steps`` set to that step scores the test range and
+draws the sprite bank (its CSV keeps the rows up to the checkpoint's step).
 ``--resume FOLDER`` continues every seed from ``FOLDER/seed<S>.ckpt`` (model, optimizer, callback
 state and random state) up to ``--steps``: variants of a schedule branch from one shared start
 and see the same batches until they differ: the shared steps run once, and the variants are
@@ -59,17 +62,36 @@ FIELDS = ["step", "seconds", "protocol", "ari_fg", "ari", "macc", "miou", "sprit
 SCORES = ["ari_fg", "ari", "macc", "miou"]
 
 
+def save_atomically(trainer: L.Trainer, path: Path) -> None:
+    """Save to a temporary name, then rename: a kill never leaves half a checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    trainer.save_checkpoint(tmp)
+    tmp.replace(path)
+
+
 class Recorder(L.Callback):
     """Appends a CSV row per protocol after every validation."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(
+        self, path: Path, checkpoint: Path | None = None, keep_until: int | None = None
+    ) -> None:
+        self.path, self.checkpoint = path, checkpoint
         self.rename: dict[str, str] = {}  # protocol -> the name of its rows; "": no rows
         self.start = time.perf_counter()
         self.base: torch.Tensor | None = None  # the module's sprite usage at the last row
+        kept: list[dict[str, str]] = []
+        if keep_until is not None and path.is_file():  # a resumed run continues its own CSV
+            with path.open(newline="") as f:
+                kept = [
+                    r
+                    for r in csv.DictReader(f)
+                    if int(r["step"]) <= keep_until and r["protocol"] != "test"
+                ]
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("w", newline="") as f:
-            csv.writer(f).writerow(FIELDS)
+            writer = csv.DictWriter(f, FIELDS)
+            writer.writeheader()
+            writer.writerows(kept)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -95,6 +117,8 @@ class Recorder(L.Callback):
             rows.append(row)
         with self.path.open("a", newline="") as f:
             csv.DictWriter(f, FIELDS).writerows(rows)
+        if self.checkpoint is not None and trainer.training:  # not after the final validate()
+            save_atomically(trainer, self.checkpoint)
         print(
             *(
                 f"{r['step']} {r['protocol']}: " + " ".join(f"{s}={r[s]}" for s in SCORES)
@@ -137,9 +161,13 @@ def run_seed(args: argparse.Namespace, extra: list[str], seed: int, folder: Path
     trainer, module = run.trainer, run.model
     skip = (ModelCheckpoint, SpriteDashboard, EvalReport)
     trainer.callbacks[:] = [c for c in trainer.callbacks if not isinstance(c, skip)]
-    recorder = Recorder(folder / f"seed{seed}.csv")
-    trainer.callbacks.append(recorder)
     ckpt = None if args.resume is None else args.resume / f"seed{seed}.ckpt"
+    keep_until = None  # resumed in its own folder: keep the CSV's rows up to the checkpoint
+    if ckpt is not None and ckpt.resolve().parent == folder.resolve():
+        keep_until = int(torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"])
+    mine = folder / f"seed{seed}.ckpt" if args.checkpoint else None
+    recorder = Recorder(folder / f"seed{seed}.csv", mine, keep_until)
+    trainer.callbacks.append(recorder)
     trainer.fit(module, run.datamodule, ckpt_path=ckpt)
     if args.test:  # the test range: the --test records after the validation range
         recorder.rename = {"paper320": "", "heldout": "test"}
@@ -156,8 +184,8 @@ def run_seed(args: argparse.Namespace, extra: list[str], seed: int, folder: Path
         )
         trainer.validate(module, test_data.datamodule)
     save_figure(sprite_figure(module.model, zoom=2), folder / f"seed{seed}_sprites.png")
-    if args.checkpoint:
-        trainer.save_checkpoint(folder / f"seed{seed}.ckpt")
+    if mine is not None:
+        save_atomically(trainer, mine)
 
 
 def plot(folder: Path, seeds: list[int], title: str) -> Path:
@@ -199,7 +227,9 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=0, help="test records after those")
     parser.add_argument("--name", default=None, help="default: the config's name")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "convergence")
-    parser.add_argument("--checkpoint", action="store_true", help="save seed<S>.ckpt at the end")
+    parser.add_argument(
+        "--checkpoint", action="store_true", help="seed<S>.ckpt at every validation"
+    )
     parser.add_argument("--resume", type=Path, default=None, help="folder of seed<S>.ckpt")
     parser.add_argument("--seed", type=int, default=None, help=argparse.SUPPRESS)  # one worker
     args, extra = parser.parse_known_args()
