@@ -18,7 +18,12 @@ its pixels in the instance map (docs/method.md §9). It prints:
   square, 2 ellipse, 1 heart) and a constant offset: the mean resultant length of
   n·(predicted − true) (or of n·(predicted + true), whichever sign is larger); 1 means the
   rotation is learned, about 1/sqrt(count) means it is unrelated;
-- **scale**: the Pearson correlation of the layer's predicted scale with the object's.
+- **scale**: the Pearson correlation of the layer's predicted scale with the object's;
+- the harness's ARI-FG, mIoU and mACC of the same images.
+
+``--orientations N`` decomposes with every sprite tried at N orientations (docs/method.md §11)
+whatever the model was trained with: if the scores jump, the sprites are right and the predicted
+rotations are what is missing.
 
 With ``--out`` it writes ``objects.csv`` (one row per object) and ``summary.csv``.
 """
@@ -33,6 +38,7 @@ import h5py
 import numpy as np
 import torch
 
+from dti_sprites.metrics import SemanticScores, ari_per_image
 from dti_sprites.model import DTISprites
 
 SYMMETRY = {
@@ -57,14 +63,22 @@ def similarity_angle_scale(params: dict[str, torch.Tensor]) -> tuple[np.ndarray,
     return angle, 1 / scale  # drawn size ∝ 1 / θ's scale
 
 
-def probe(model: DTISprites, path: Path, first: int, count: int, batch_size: int) -> list[dict]:
+def probe(
+    model: DTISprites, path: Path, first: int, count: int, batch_size: int
+) -> tuple[list[dict], dict[str, float]]:
+    """Per-object rows, and the harness's scores (ARI-FG, mIoU, mACC) of the same images."""
     rows: list[dict] = []
+    ari_fg: list[torch.Tensor] = []
+    semantic = SemanticScores(4, model.sprites.n_sprites + 1)  # background + 3 shapes
     with h5py.File(path, "r") as f:
         for start in range(first, first + count, batch_size):
             stop = min(start + batch_size, first + count)
             image = torch.from_numpy(f["image"][start:stop]).permute(0, 3, 1, 2).float() / 255
             with torch.no_grad():
                 out = model(image)  # image (B, 3, H, W)
+            target = torch.from_numpy(f["mask"][start:stop]).long()  # (B, H, W)
+            ari_fg.append(ari_per_image(out.instance_fg(image), target, foreground_only=True))
+            semantic.update(out.semantic(), torch.from_numpy(f["semantic"][start:stop]).long())
             instance = out.instance().numpy()  # (B, H, W), 0 = background, l + 1 = layer l
             choice = out.sprite_choice.numpy()  # (B, L)
             angle, scale = similarity_angle_scale(out.params)  # (B, L) each
@@ -108,7 +122,12 @@ def probe(model: DTISprites, path: Path, first: int, count: int, batch_size: int
                             "pred_scale": float(scale[i, layer - 1]),
                         }
                     )
-    return rows
+    scores = semantic.compute()
+    return rows, {
+        "ARI-FG": float(torch.cat(ari_fg).nanmean()) * 100,
+        "mIoU": float(scores["miou"]) * 100,
+        "mACC": float(scores["macc"]) * 100,
+    }
 
 
 def summarise(rows: list[dict], n_sprites: int, min_pixels: int) -> list[tuple[str, float]]:
@@ -157,12 +176,19 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--min-pixels", type=int, default=20, help="ignore smaller visible objects")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--orientations",
+        type=int,
+        help="score with every sprite tried at this many orientations (the model's: default)",
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = DTISprites.from_checkpoint(args.checkpoint).eval()
-    rows = probe(model, args.data, args.first, args.count, args.batch_size)
-    summary = summarise(rows, model.sprites.n_sprites, args.min_pixels)
+    if args.orientations is not None:  # an inference-time search over more orientations
+        model.set_orientations(args.orientations)
+    rows, scores = probe(model, args.data, args.first, args.count, args.batch_size)
+    summary = [*scores.items(), *summarise(rows, model.sprites.n_sprites, args.min_pixels)]
     for name, value in summary:
         print(f"{name:>48s}: {value:.3f}" if isinstance(value, float) else f"{name:>48s}: {value}")
     if args.out:

@@ -242,11 +242,7 @@ class DTISprites(nn.Module):
         head = GroupedMLP(1, n_features, n_pairs, hidden) if occlusion == "predicted" else None
         self.occlusion = Occlusion(n_layers, occlusion, head if n_pairs else None)
         self.register_buffer("sprites_frozen", torch.tensor(False))
-        geometric = [
-            i for i, name in enumerate(self.sprite_transforms.names) if name != "color"
-        ]  # the first one takes the orientation turns
-        self._turned = geometric[0] if geometric and orientations > 1 else None
-        self.orientations = int(orientations)
+        self.set_orientations(orientations)
         self.select_downscale = int(select_downscale)
         self._greedy = greedy_select
         if compile:
@@ -418,6 +414,23 @@ class DTISprites(nn.Module):
         if self.sprites.empty_sprite:
             penalty[k0] = float("inf") if bool(self.sprites_frozen) else 0.0
         return penalty.to(self.sprites_frozen.device)
+
+    def set_orientations(self, orientations: int) -> None:
+        """Try every sprite at ``orientations`` turns in the selection from now on (docs/method.md
+        §11), e.g. a wider search at inference than in training; 0 or 1: no turns."""
+        geometric = [
+            i for i, name in enumerate(self.sprite_transforms.names) if name != "color"
+        ]  # the first one takes the orientation turns
+        if orientations > 1 and (
+            not geometric
+            or self.sprite_transforms.names[geometric[0]] not in ("similarity", "affine")
+        ):
+            raise ValueError(
+                "orientations > 1 needs 'similarity' or 'affine' as the first geometric "
+                f"sprite transformation, got {self.sprite_transforms.names}"
+            )
+        self._turned = geometric[0] if orientations > 1 else None
+        self.orientations = int(orientations)
 
     def _turns(self, sprite_p: list[Tensor | None]) -> int:
         """R, the orientations per sprite this forward: 1 unless ``orientations`` > 1 and the

@@ -84,3 +84,19 @@ def test_orientations_need_a_similarity_or_affine_first():
         DTISprites(image_size=20, sprite_size=10, sprite_transforms=["projective"], orientations=4)
     with pytest.raises(ValueError, match="orientations > 1 needs"):
         DTISprites(image_size=20, sprite_size=10, orientations=4)
+
+
+def test_set_orientations_turns_a_trained_model_into_the_one_built_with_them():
+    """An inference-time search (decomposition_probe.py --orientations): the same weights with
+    ``set_orientations(4)`` decompose exactly as a model built with 4 orientations."""
+    image = torch.zeros(1, 3, 20, 20)
+    image[0, :, 5:15, 5:15] = 0.9 * torch.rot90(PIECE, 1)
+    plain, built = scene_model(0), scene_model(4)
+    plain.set_orientations(4)
+    a, b = plain(image), built(image)
+    assert a.mse.item() < 1e-8
+    torch.testing.assert_close(a.reconstruction, b.reconstruction, rtol=0, atol=0)
+    plain.set_orientations(1)  # back to no turns: the upright piece again
+    assert plain(image).mse.item() > 0.01
+    with pytest.raises(ValueError, match="orientations > 1 needs"):
+        DTISprites(image_size=20, sprite_size=10).set_orientations(4)
