@@ -49,6 +49,7 @@ import lightning as L
 import matplotlib
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
 
 from dti_sprites.callbacks import EvalReport, SpriteDashboard
 from dti_sprites.cli import Experiment, build, config_arg
@@ -117,7 +118,8 @@ class Recorder(L.Callback):
             rows.append(row)
         with self.path.open("a", newline="") as f:
             csv.DictWriter(f, FIELDS).writerows(rows)
-        if self.checkpoint is not None and trainer.training:  # not after the final validate()
+        # inside fit (trainer.training is False during its validations), not the final validate()
+        if self.checkpoint is not None and trainer.state.fn == TrainerFn.FITTING:
             save_atomically(trainer, self.checkpoint)
         print(
             *(
