@@ -380,22 +380,24 @@ def align_crops(crops: Tensor, size: tuple[int, int], transform: Tensor) -> Tens
 
 def invariant_refit(
     crops: Tensor,
-    choices: Tensor,
+    choices: Tensor | None,
     masks: Tensor,
     size: tuple[int, int],
     rotations: int,
     scales: tuple[float, ...] = (1.0,),
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """:func:`refit_masks` through the best transformation: each crop is aligned with the
     current mask of the sprite its layer chose before the means are taken.
 
-    crops (N, h·w), choices (N,) in [0, K), masks (K, h·w). Returns the means (K, h·w) (zeros
-    where unused), the counts (K,) and the aligned crops (N, h·w).
+    crops (N, h·w), choices (N,) in [0, K) or None: each crop goes to the mask nearest to it
+    over the rotations × scales instead (one assign-update step of :func:`invariant_kmeans`
+    from the current masks), masks (K, h·w). Returns the means (K, h·w) (zeros where unused),
+    the counts (K,), the aligned crops (N, h·w) and the sprite of every crop (N,).
     """
-    _, aligned, _ = _align_to(crops, masks, choices, size, rotations, scales)
+    label, aligned, _ = _align_to(crops, masks, choices, size, rotations, scales)
     aligned = aligned.clamp(0, 1)  # (N, h·w)
-    means, counts = refit_masks(aligned, choices, len(masks))
-    return means, counts, aligned
+    means, counts = refit_masks(aligned, label, len(masks))
+    return means, counts, aligned, label
 
 
 def _align_to(

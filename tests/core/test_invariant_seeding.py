@@ -106,13 +106,28 @@ def test_invariant_refit_averages_crops_turned_back_into_the_masks_frame():
     noisy_l[0, 0] = 1  # one stray pixel: the refit mean shows it at a quarter of its weight
     crops = torch.cat([turns(noisy_l), turns(BAR)])
     choices = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
-    means, counts, aligned = invariant_refit(crops, choices, masks, SIZE, rotations=4)
+    means, counts, aligned, label = invariant_refit(crops, choices, masks, SIZE, rotations=4)
     assert counts.tolist() == [4, 4]
     torch.testing.assert_close(means[0].view(SIZE), noisy_l, atol=1e-5, rtol=0)
     torch.testing.assert_close(means[1].view(SIZE), BAR, atol=1e-5, rtol=0)
     assert aligned.shape == crops.shape
+    assert torch.equal(label, choices)  # the layers' choices, as given
     # a plain mean of the same crops is a blur of four rotations, not the L
     assert float((crops[:4].mean(0).view(SIZE) - L_SHAPE).abs().max()) > 0.5
+
+
+def test_a_nearest_refit_keeps_the_shapes_whatever_the_layers_chose():
+    """Choices unrelated to the shapes (a network that has not learned the rotations): the
+    refit by choice averages L's and bars into one blur; by nearest mask it keeps both."""
+    masks = torch.stack([L_SHAPE.flatten(), BAR.flatten()])
+    crops = torch.cat([turns(L_SHAPE), turns(BAR)])  # (8, h·w), each shape at 4 turns
+    choices = torch.tensor([0, 1, 0, 1, 0, 1, 0, 1])  # half of each shape to each sprite
+    mixed, _, _, _ = invariant_refit(crops, choices, masks, SIZE, rotations=4)
+    assert float((mixed[0].view(SIZE) - L_SHAPE).abs().max()) > 0.4
+    means, counts, _, label = invariant_refit(crops, None, masks, SIZE, rotations=4)
+    assert label.tolist() == [0, 0, 0, 0, 1, 1, 1, 1] and counts.tolist() == [4, 4]
+    torch.testing.assert_close(means[0].view(SIZE), L_SHAPE, atol=1e-5, rtol=0)
+    torch.testing.assert_close(means[1].view(SIZE), BAR, atol=1e-5, rtol=0)
 
 
 def test_whole_crops_keep_one_piece_inside_the_canvas():

@@ -422,3 +422,11 @@ def test_callback_seeds_centred_distinct_shapes_then_refits_those_chosen_often_e
     torch.testing.assert_close(masks[1 - piece_k], centred[1], atol=1e-6, rtol=0)
     # The masks trained for one step after the seeding; the refit zeroed their moments.
     assert moments[3] > 0 and moments[4] == 0
+
+
+def test_nearest_refits_need_the_invariant_distance():
+    with pytest.raises(ValueError, match="refit_assign='nearest' needs rotations"):
+        SpriteSeeding(at_step=2, collect_steps=1, refit_every=2, refit_assign="nearest")
+    with pytest.raises(ValueError, match="'choice' or 'nearest'"):
+        SpriteSeeding(at_step=2, collect_steps=1, rotations=4, refit_assign="closest")
+    assert SpriteSeeding(rotations=4, refit_assign="nearest").refit_assign == "nearest"
