@@ -20,6 +20,7 @@ from dti_sprites.seeding import (
     invariant_refit,
     kmeans_masks,
     layer_crops,
+    match_masks,
     normalise_crops,
     refit_masks,
     split_merge,
@@ -78,10 +79,14 @@ class SpriteSeeding(ScheduledCallback):
             layers that chose the sprite (a Lloyd step through the model's own selection);
             ``"nearest"`` (needs ``rotations``): those nearest to the mask over the rotations
             × ``refit_scales``, whatever sprite their layer chose (a step of the invariant
-            k-means from the current masks). While the network has not learned each object's
-            rotation its choices are unrelated to the shapes (Multi-dSprites, 200 steps after
-            the seeding: purity 0.36 for 3 shapes) and ``"choice"`` refits average the shapes
-            into blobs; ``"nearest"`` keeps them shapes.
+            k-means from the current masks); ``"kmeans"``: the crops are clustered again as at
+            the seeding (``normalise_scale``, ``rotations``, split-merge moves) and each new mask
+            replaces the current one it matches, turned into its frame
+            (:func:`dti_sprites.seeding.match_masks`), so every sprite keeps its identity.
+            While the network has not learned each object's rotation its choices are unrelated
+            to the shapes (Multi-dSprites, 200 steps after the seeding: purity 0.36 for 3
+            shapes) and ``"choice"`` refits average the shapes into blobs; one ``"nearest"``
+            step from blobs stays a blob; ``"kmeans"`` finds the shapes again.
     """
 
     def __init__(
@@ -101,7 +106,7 @@ class SpriteSeeding(ScheduledCallback):
         rotations: NonNegativeInt = 0,
         refit_scales: list[PositiveFloat] | None = None,
         isolated_only: bool = False,
-        refit_assign: Literal["choice", "nearest"] = "choice",
+        refit_assign: Literal["choice", "nearest", "kmeans"] = "choice",
     ) -> None:
         super().__init__("step")
         if refit_assign == "nearest" and not rotations:
@@ -109,9 +114,10 @@ class SpriteSeeding(ScheduledCallback):
                 "SpriteSeeding.refit_assign='nearest' needs rotations > 0 (the invariant "
                 "distance that assigns the crops)"
             )
-        if refit_assign not in ("choice", "nearest"):
+        if refit_assign not in ("choice", "nearest", "kmeans"):
             raise ValueError(
-                f"SpriteSeeding.refit_assign must be 'choice' or 'nearest', got {refit_assign!r}"
+                "SpriteSeeding.refit_assign must be 'choice', 'nearest' or 'kmeans', got "
+                f"{refit_assign!r}"
             )
         self.refit_assign = refit_assign
         if refit_every and collect_steps > refit_every:
@@ -187,7 +193,8 @@ class SpriteSeeding(ScheduledCallback):
             if self.centre:
                 crops = centre_crops(crops, size)
             event["crops"] = len(crops)
-            needed = 1 if kind == "refit" else k0  # k-means needs a crop per centre
+            regroup = kind != "refit" or self.refit_assign == "kmeans"
+            needed = k0 if regroup else 1  # k-means needs a crop per centre
             if len(crops) < needed:
                 rank_zero_warn(
                     f"SpriteSeeding: {len(crops)} crops at step {step} ({kind}), fewer than "
@@ -216,15 +223,16 @@ class SpriteSeeding(ScheduledCallback):
         """The masks (K0, h·w) of a seeding / re-seeding (k-means) or a refit (the mean crop
         of the layers that chose each sprite), then the split-merge moves; ``new`` holds the
         current masks; what was done goes into ``event``."""
-        k0, current = len(new), new  # the masks' dtype and device
+        k0, current = len(new), new.clone()  # the masks (their dtype and device)
         seed = self.seed + len(self.events)
-        assignment = None if kind != "refit" else choices
-        if kind != "refit" and self.normalise_scale:
+        regroup = kind != "refit" or self.refit_assign == "kmeans"  # k-means (again)
+        assignment = None if regroup else choices
+        if regroup and self.normalise_scale:
             crops, event["radius"] = normalise_crops(crops, size)
-        if kind != "refit" and self.rotations:
+        if regroup and self.rotations:
             new, assignment, crops = invariant_kmeans(crops, k0, size, self.rotations, seed=seed)
             new = new.to(current)
-        elif kind != "refit":
+        elif regroup:
             new = kmeans_masks(crops, k0, seed).to(new)
         else:
             if self.rotations:
@@ -248,6 +256,10 @@ class SpriteSeeding(ScheduledCallback):
             centres, moves = split_merge(crops, new, assignment, self.split_merge_moves, seed)
             new = centres.to(new).clamp(0, 1)
             event["moves"] = moves
+        if kind == "refit" and self.refit_assign == "kmeans":  # each sprite keeps its identity
+            turns = max(self.rotations, 1)
+            new = match_masks(new, current, size, turns, self.refit_scales).to(current)
+            event["refit"] = k0
         return new
 
     def describe(self, event: dict[str, Any]) -> list[Event]:

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 from scipy.cluster.vq import kmeans2
+from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from dti_sprites.model import Decomposition, DTISprites
@@ -464,3 +465,28 @@ def invariant_kmeans(
     assert best is not None
     _, centres, label, aligned = best
     return centres.to(crops).clamp(0, 1), label, aligned.to(crops)
+
+
+def match_masks(
+    new: Tensor,
+    current: Tensor,
+    size: tuple[int, int],
+    rotations: int,
+    scales: tuple[float, ...] = (1.0,),
+) -> Tensor:
+    """New masks in the place and frame of the current ones they match.
+
+    new, current (K, h·w). The one-to-one matching minimises the summed squared distance of
+    each new mask to the best of a current mask's rotations × ``scales``
+    (:func:`invariant_assign`; ``rotations`` 1 and scale 1: the plain distance, Hungarian
+    assignment); each new mask is then taken into its current mask's frame
+    (:func:`align_crops`), so that the transformations learned for a sprite still fit it.
+    Returns (K, h·w): row k replaces current mask k.
+    """
+    dist, index, grid = invariant_assign(new, current, size, rotations, scales)  # (K, K) each
+    rows, cols = linear_sum_assignment(dist.double().cpu().numpy())  # new rows[i] -> cols[i]
+    order = torch.empty(len(current), dtype=torch.long)
+    order[torch.as_tensor(cols)] = torch.as_tensor(rows)  # current k <- new order[k]
+    order = order.to(new.device)
+    version = index[order, torch.arange(len(current), device=new.device)]  # (K,)
+    return align_crops(new[order], size, grid[version]).clamp(0, 1)

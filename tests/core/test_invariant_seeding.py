@@ -13,6 +13,7 @@ from dti_sprites.seeding import (
     invariant_refit,
     isolated_layers,
     kmeans_masks,
+    match_masks,
     normalise_crops,
     warp_crops,
     whole_crops,
@@ -160,3 +161,15 @@ def test_isolated_layers_are_those_whose_surroundings_are_background():
     # a layer with no support is not an isolated object
     support[0, 1] = 0
     assert isolated_layers(support, out, image).tolist() == [[True, False]]
+
+
+def test_match_masks_puts_each_new_mask_in_the_place_and_frame_of_its_match():
+    """New masks found in another order and at other turns replace the current ones they
+    match, turned into their frames: sprite k stays the same shape, at the same angle."""
+    current = torch.stack([L_SHAPE.flatten(), BAR.flatten()])
+    new = torch.stack(  # the bar first, then the L a quarter turn round
+        [torch.rot90(BAR, 1).flatten(), torch.rot90(L_SHAPE, 1).flatten()]
+    )
+    matched = match_masks(new, current, SIZE, rotations=4)
+    torch.testing.assert_close(matched[0].view(SIZE), L_SHAPE, atol=1e-5, rtol=0)
+    torch.testing.assert_close(matched[1].view(SIZE), BAR, atol=1e-5, rtol=0)

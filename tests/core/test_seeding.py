@@ -427,6 +427,37 @@ def test_callback_seeds_centred_distinct_shapes_then_refits_those_chosen_often_e
 def test_nearest_refits_need_the_invariant_distance():
     with pytest.raises(ValueError, match="refit_assign='nearest' needs rotations"):
         SpriteSeeding(at_step=2, collect_steps=1, refit_every=2, refit_assign="nearest")
-    with pytest.raises(ValueError, match="'choice' or 'nearest'"):
+    with pytest.raises(ValueError, match="'choice', 'nearest' or 'kmeans'"):
         SpriteSeeding(at_step=2, collect_steps=1, rotations=4, refit_assign="closest")
     assert SpriteSeeding(rotations=4, refit_assign="nearest").refit_assign == "nearest"
+
+
+def test_a_kmeans_refit_finds_the_shapes_again_through_the_callback(tmp_path):
+    """Every mask made the union of the L and the square after the seeding (a blob that
+    covers both): a refit by the layers' choices averages the shapes, a ``kmeans`` refit
+    clusters the crops again and puts both shapes back into the masks."""
+    blur = torch.maximum(PIECE, SQUARE)
+
+    class Blur(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 2:
+                with torch.no_grad():
+                    pl_module.model.sprites.mask.copy_(blur.expand_as(pl_module.model.sprites.mask))
+
+    results = {}
+    for rule in ("choice", "kmeans"):
+        model = opaque_model()
+        seeding = SpriteSeeding(
+            at_step=2,
+            collect_steps=1,
+            refit_every=2,
+            min_count=1,
+            centre=False,
+            refit_assign=rule,
+        )
+        train(tmp_path / rule, model, [seeding, Blur()], steps=4, data=PieceAndSquareData())
+        assert [(e["step"], e["kind"]) for e in seeding.events] == [(2, "seed"), (4, "refit")]
+        results[rule] = model.sprites.mask.detach().flatten(1)  # (3, 100)
+    for shape in (PIECE, SQUARE):
+        assert (results["kmeans"] - shape.flatten()).abs().max(1).values.min() < 1e-5
+        assert (results["choice"] - shape.flatten()).abs().max(1).values.min() > 0.4
