@@ -109,15 +109,15 @@ class SpriteSeeding(ScheduledCallback):
         refit_assign: Literal["choice", "nearest", "kmeans"] = "choice",
     ) -> None:
         super().__init__("step")
-        if refit_assign == "nearest" and not rotations:
-            raise ValueError(
-                "SpriteSeeding.refit_assign='nearest' needs rotations > 0 (the invariant "
-                "distance that assigns the crops)"
-            )
         if refit_assign not in ("choice", "nearest", "kmeans"):
             raise ValueError(
                 "SpriteSeeding.refit_assign must be 'choice', 'nearest' or 'kmeans', got "
                 f"{refit_assign!r}"
+            )
+        if refit_assign == "nearest" and not rotations:
+            raise ValueError(
+                "SpriteSeeding.refit_assign='nearest' needs rotations > 0 (the invariant "
+                "distance that assigns the crops)"
             )
         self.refit_assign = refit_assign
         if refit_every and collect_steps > refit_every:
@@ -193,8 +193,7 @@ class SpriteSeeding(ScheduledCallback):
             if self.centre:
                 crops = centre_crops(crops, size)
             event["crops"] = len(crops)
-            regroup = kind != "refit" or self.refit_assign == "kmeans"
-            needed = k0 if regroup else 1  # k-means needs a crop per centre
+            needed = k0 if self._regroups(kind) else 1  # k-means needs a crop per centre
             if len(crops) < needed:
                 rank_zero_warn(
                     f"SpriteSeeding: {len(crops)} crops at step {step} ({kind}), fewer than "
@@ -211,6 +210,10 @@ class SpriteSeeding(ScheduledCallback):
             reset_optimizer_state(optimizer, [(masks, (slice(None),))])  # the old masks' moments
         self.record(event)
 
+    def _regroups(self, kind: str) -> bool:
+        """Whether this event clusters the crops (k-means) rather than refitting by a rule."""
+        return kind != "refit" or self.refit_assign == "kmeans"
+
     def _fit(
         self,
         kind: str,
@@ -225,7 +228,7 @@ class SpriteSeeding(ScheduledCallback):
         current masks; what was done goes into ``event``."""
         k0, current = len(new), new.clone()  # the masks (their dtype and device)
         seed = self.seed + len(self.events)
-        regroup = kind != "refit" or self.refit_assign == "kmeans"  # k-means (again)
+        regroup = self._regroups(kind)
         assignment = None if regroup else choices
         if regroup and self.normalise_scale:
             crops, event["radius"] = normalise_crops(crops, size)

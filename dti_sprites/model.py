@@ -274,13 +274,6 @@ class DTISprites(nn.Module):
                 "layer_transforms needs 'position' when sprite_size != image_size "
                 f"({args['sprite_size']} != {args['image_size']})"
             )
-        if args["orientations"] > 1:
-            geometric = [name for name in args["sprite_transforms"] if name != "color"]
-            if not geometric or geometric[0] not in ("similarity", "affine"):
-                raise ValueError(
-                    "orientations > 1 needs 'similarity' or 'affine' as the first geometric "
-                    f"sprite transformation, got {list(args['sprite_transforms'])}"
-                )
         f = args["select_downscale"]
         if f > 1 and args["image_size"] % f:
             raise ValueError(
