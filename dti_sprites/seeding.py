@@ -388,7 +388,8 @@ def invariant_refit(
     scales: tuple[float, ...] = (1.0,),
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """:func:`refit_masks` through the best transformation: each crop is aligned with the
-    current mask of the sprite its layer chose before the means are taken.
+    current mask of its sprite (the one its layer chose, or its nearest) before the means are
+    taken.
 
     crops (N, h·w), choices (N,) in [0, K) or None: each crop goes to the mask nearest to it
     over the rotations × scales instead (one assign-update step of :func:`invariant_kmeans`
