@@ -14,6 +14,9 @@ the config's Adam). The model's phases are labelled from outside (its methods wr
   composition of the reconstruction;
 - ``backward`` and ``optimizer`` (Adam, with the config's repeated encoder updates).
 
+Freed memory is kept in the process for reuse, as in training (:mod:`dti_sprites.allocator`);
+``--malloc-defaults`` leaves the C library's defaults.
+
 Prints one markdown table per config: milliseconds per step and share of the step, CPU time of
 the labelled ranges (on a GPU: the CPU-side time; use ``train_step.py`` for wall time).
 """
@@ -28,6 +31,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from train_step import build_module
 
 import dti_sprites.model as model_module
+from dti_sprites.allocator import keep_freed_memory
 
 PHASES = ["encoder", "heads", "select", "select/render", "select/greedy", "render", "compose"]
 
@@ -114,9 +118,14 @@ def main() -> None:
     parser.add_argument(
         "--select-downscale", type=int, default=1, help="the model's select_downscale switch"
     )
+    parser.add_argument(
+        "--malloc-defaults", action="store_true", help="do not keep freed memory (see above)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not args.malloc_defaults:
+        keep_freed_memory()
     for config in args.config:
         device = torch.device(args.device)
         profile_config(

@@ -11,10 +11,17 @@ stage on, sprites unfrozen and mask noise on. The model comes from ``experiments
 (or a YAML path), built as ``dti-sprites fit`` builds it (:func:`dti_sprites.cli.build`).
 Prints one line per config and precision:
 
-    config=NAME precision=P compile=C img_per_s=X peak_mb=Y encoder_ratio=R
+    config=NAME precision=P compile=C img_per_s=X peak_mb=Y encoder_ratio=R [authors_img_per_s=A
+    speedup=S]
 
 ``encoder_ratio`` is the step time over the time of the encoder's own forward + backward + Adam
-step, measured in the same run (how much the sprite machinery costs on top of the CNN).
+updates (as many as the config's ``encoder_updates_per_step``: 7 for Multi-dSprites, 8 for
+CLEVR6), measured in the same run: how much the sprite machinery costs on top of the CNN.
+``--authors-src PATH`` (a checkout of github.com/monniert/dti-sprites, not part of this project)
+also times the authors' step in the same process, on the same images, in the same late-training
+state (every transformation active, sprites unfrozen), and adds ``authors_img_per_s`` and
+``speedup`` (ours over theirs) to the line; their model and optimizer are built as
+``side_by_side.py`` builds them.
 ``--encoder`` replaces the config's encoder (the line then says ``config=NAME/ENCODER``).
 ``peak_mb`` is the peak GPU memory allocated on CUDA, the peak resident memory of the process
 on the CPU. Runs on the GPU when one is present (``--device cpu`` to force the CPU). Each config
@@ -24,6 +31,9 @@ this one (quicker to start; peak memory is then the process's so far).
 ``--trainer.precision=bf16-mixed`` does in training; parameters and Adam stay fp32).
 ``--compile`` sets the model's ``compile`` switch: the encoder and the greedy selection
 compiled with ``torch.compile`` (the compilation happens in the warm-up steps, untimed).
+Training keeps freed memory in the process for reuse (``DTISpritesModule(keep_freed_memory=True)``,
+:mod:`dti_sprites.allocator`), and so does this script; ``--malloc-defaults`` leaves the C
+library's defaults (the step before 2026-12-06): the line then says ``keep_freed_memory=0``.
 ``--select-downscale F`` sets the model's ``select_downscale`` switch: candidates rendered and
 scored on an (H/F)×(W/F) grid (docs/method.md §11); the line then says ``select_downscale=F``.
 """
@@ -35,13 +45,16 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import get_args
 
 import torch
 
+from dti_sprites.allocator import keep_freed_memory
 from dti_sprites.cli import build
 from dti_sprites.encoders import EncoderName
 from dti_sprites.module import DTISpritesModule
+from dti_sprites.optim import Adam
 
 
 def build_module(
@@ -102,6 +115,8 @@ def benchmark(
     precision: str = "32",
     compile_encoder: bool = False,
     select_downscale: int = 1,
+    authors_src: Path | None = None,
+    malloc_kept: bool = True,
 ) -> None:
     module, default_batch = build_module(config, device, encoder, compile_encoder, select_downscale)
     batch = batch or default_batch
@@ -119,7 +134,8 @@ def benchmark(
         loss.backward()
         optimizer.step()
 
-    encoder_optimizer = torch.optim.Adam(model.encoder.parameters(), lr=1e-4)
+    updates = int(module.hparams.get("encoder_updates_per_step", 1))  # the config's repeats
+    encoder_optimizer = Adam([{"params": model.encoder.parameters(), "updates": updates}], lr=1e-4)
 
     def encoder_step() -> None:
         with autocast:
@@ -135,12 +151,42 @@ def benchmark(
     encoder_time = timed(encoder_step, steps, warmup, device)
     name = f"{config}/{encoder}" if encoder else config
     downscale = f" select_downscale={select_downscale}" if select_downscale != 1 else ""
+    downscale += "" if malloc_kept else " keep_freed_memory=0"
+    authors = ""
+    if authors_src is not None:
+        authors_time = timed(authors_step(authors_src, config, images), steps, warmup, device)
+        authors = (
+            f" authors_img_per_s={batch / authors_time:.1f} speedup={authors_time / step_time:.2f}"
+        )
     print(
         f"config={name} precision={precision} compile={int(compile_encoder)}{downscale} "
         f"img_per_s={batch / step_time:.1f} peak_mb={memory:.0f} "
-        f"encoder_ratio={step_time / encoder_time:.2f}",
+        f"encoder_ratio={step_time / encoder_time:.2f}{authors}",
         flush=True,
     )
+
+
+def authors_step(src: Path, config: str, images: torch.Tensor):
+    """One training step of the authors' model on ``images``, late in training: their
+    curriculum and sprite freeze advanced past every milestone (``model.step()`` once per
+    epoch, as their trainer calls it), so every transformation is active and sprites learn."""
+    from side_by_side import Authors  # beside this script
+
+    authors = Authors(src, config, images.shape[-1])
+    model = authors.model.to(images.device)
+    for param in model.parameters():  # their masks are one (h, w) map expanded to K (stride 0):
+        param.data = param.data.contiguous()  # today's Adam refuses to update such a tensor
+    for _ in range(1000):  # epochs: beyond every milestone of their configs (at most 150)
+        model.step()
+    model.train()  # mask noise on
+
+    def step() -> None:
+        authors.optimizer.zero_grad()
+        loss, _ = model(images)
+        loss.backward()
+        authors.optimizer.step()
+
+    return step
 
 
 def main() -> None:
@@ -160,9 +206,16 @@ def main() -> None:
         "--select-downscale", type=int, default=1, help="the model's select_downscale switch"
     )
     parser.add_argument("--same-process", action="store_true", help="every config in this one")
+    parser.add_argument(
+        "--malloc-defaults", action="store_true", help="do not keep freed memory (see above)"
+    )
+    parser.add_argument(
+        "--authors-src", type=Path, default=None, help="time the authors' step too (a checkout)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    malloc_kept = not args.malloc_defaults and keep_freed_memory()
     device = torch.device(args.device)
     if len(args.config) > 1:
         print(f"device={device} threads={torch.get_num_threads()} torch={torch.__version__}")
@@ -183,6 +236,8 @@ def main() -> None:
                 precision,
                 args.compile,
                 args.select_downscale,
+                args.authors_src,
+                malloc_kept,
             )
 
 

@@ -48,6 +48,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dti_sprites.allocator import keep_freed_memory
 from dti_sprites.datamodules.hdf5 import HDF5FormatError, MultiObjectHDF5Dataset, check_file
 from dti_sprites.datamodules.image_files import (
     IMAGE_EXTENSIONS,
@@ -281,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.batch_size < 1:
             raise DecomposeError(f"--batch-size must be >= 1, got {args.batch_size}")
         device = _device(args.device)
+        keep_freed_memory()  # this process's large temporaries reuse freed memory
         model = load_model(args.ckpt, device)
         attrs = {
             "checkpoint": str(args.ckpt),

@@ -11,6 +11,7 @@ from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat,
 from torch import Tensor
 from torchmetrics import Metric, MetricCollection
 
+from dti_sprites.allocator import keep_freed_memory
 from dti_sprites.metrics import (
     ARI,
     ClusteringScore,
@@ -64,6 +65,10 @@ class DTISpritesModule(L.LightningModule):
             scheduler (:class:`~dti_sprites.optim.MilestoneDrops`, stepped every step or every
             epoch), so they are in checkpoints and a resumed run continues exactly. None or no
             milestone: no drop.
+        keep_freed_memory: at setup, keep freed memory in the process for reuse (glibc's
+            ``mmap`` and trim thresholds raised, :mod:`dti_sprites.allocator`): the same
+            arithmetic, about 1.5× faster on the CPU, and the process holds its peak memory.
+            Process-wide; False leaves the C library's defaults.
     """
 
     def __init__(
@@ -76,6 +81,7 @@ class DTISpritesModule(L.LightningModule):
         prototype_lr_multiplier: PositiveFloat = 1.0,
         init_images: NonNegativeInt = 100,
         lr_drops: LRDrops | None = None,
+        keep_freed_memory: bool = True,
     ) -> None:
         super().__init__()
         if isinstance(lr_drops, dict):  # e.g. the hyper-parameters of a checkpoint
@@ -92,6 +98,7 @@ class DTISpritesModule(L.LightningModule):
                 "prototype_lr_multiplier": float(prototype_lr_multiplier),
                 "init_images": int(init_images),
                 "lr_drops": lr_drops.to_dict(),
+                "keep_freed_memory": bool(keep_freed_memory),
             }
         )
         self.model = model
@@ -105,6 +112,8 @@ class DTISpritesModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------- setup
     def setup(self, stage: str) -> None:
+        if self.hparams.get("keep_freed_memory", True):
+            keep_freed_memory()
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is None:
             return
