@@ -21,7 +21,10 @@ this project) and its config (``configs/dsprites.yml`` or ``configs/clevr6.yml``
 optimizer as its trainer does: Adam over ``cluster_parameters()`` and
 ``transformer_parameters()`` (weight decay on the latter), in which the shared encoder appears
 once per module that holds it. Two shims let that 2021 code run on current libraries:
-``scipy.signal.gaussian`` (moved to ``scipy.signal.windows``) and an unused ``kornia`` import.
+``scipy.signal.gaussian`` (moved to ``scipy.signal.windows``) and their ``kornia`` import: today's
+``kornia.geometry.transform.homography_warp`` where kornia is installed (only CLEVR6's projective
+sprites call it; e.g. ``pip install --no-deps --target DIR kornia kornia_rs`` and
+``PYTHONPATH=DIR``), otherwise a placeholder.
 """
 
 from __future__ import annotations
@@ -85,17 +88,25 @@ class Ours:
 class Authors:
     """The authors' model and optimizer at epoch 0, from a checkout of their repository."""
 
-    def __init__(self, src: Path, config: str, image_size: int) -> None:
+    def __init__(
+        self, src: Path, config: str, image_size: int, model_overrides: dict | None = None
+    ) -> None:
         import scipy.signal
         import scipy.signal.windows
 
         scipy.signal.gaussian = scipy.signal.windows.gaussian  # moved in scipy 1.13
-        sys.modules.setdefault("kornia", types.SimpleNamespace(homography_warp=None))  # unused
+        try:  # their projective sprites (CLEVR6) warp with kornia's homography_warp
+            import kornia
+            from kornia.geometry.transform import homography_warp
+
+            kornia.homography_warp = homography_warp  # imported from the top level in 2021
+        except ImportError:  # kornia is no dependency: the other configs never call it
+            sys.modules.setdefault("kornia", types.SimpleNamespace(homography_warp=None))
         sys.path.insert(0, str(src / "src"))
         from model.dti_sprites import DTISprites as AuthorsDTISprites  # type: ignore
 
         cfg = yaml.safe_load((src / "configs" / AUTHORS_CONFIG[config]).read_text())
-        kwargs = dict(cfg["model"])
+        kwargs = dict(cfg["model"]) | (model_overrides or {})
         kwargs.pop("name")
         dataset = SimpleNamespace(img_size=(image_size, image_size), n_channels=3)
         self.model = AuthorsDTISprites(dataset, **kwargs)

@@ -172,7 +172,9 @@ def authors_step(src: Path, config: str, images: torch.Tensor):
     epoch, as their trainer calls it), so every transformation is active and sprites learn."""
     from side_by_side import Authors  # beside this script
 
-    authors = Authors(src, config, images.shape[-1])
+    # A constant background init: their 'mean' init (CLEVR6) reads a dataset; the init does
+    # not change what a step costs.
+    authors = Authors(src, config, images.shape[-1], model_overrides={"bkg_init": "constant"})
     model = authors.model.to(images.device)
     for param in model.parameters():  # their masks are one (h, w) map expanded to K (stride 0):
         param.data = param.data.contiguous()  # today's Adam refuses to update such a tensor

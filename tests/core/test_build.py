@@ -148,8 +148,10 @@ def test_a_bad_override_exits_naming_the_key(capsys):
     assert "n_sprits" in capsys.readouterr().err
 
 
-def test_train_step_benchmark_runs_from_a_config():
-    """benchmarks/train_step.py builds its model with build (tiny sizes)."""
+@pytest.mark.parametrize("malloc", [[], ["--malloc-defaults"]])
+def test_train_step_benchmark_runs_from_a_config(malloc):
+    """benchmarks/train_step.py builds its model with build (tiny sizes); its line says when
+    freed memory went back to the kernel (glibc's defaults) rather than kept, as in training."""
     result = subprocess.run(
         [
             sys.executable,
@@ -166,6 +168,7 @@ def test_train_step_benchmark_runs_from_a_config():
             "cpu",
             "--threads",
             "1",
+            *malloc,
         ],
         capture_output=True,
         text=True,
@@ -174,3 +177,4 @@ def test_train_step_benchmark_runs_from_a_config():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "config=tetrominoes precision=32" in result.stdout
+    assert ("keep_freed_memory=0" in result.stdout) == bool(malloc)
