@@ -6,8 +6,8 @@ and gives them back to the kernel on ``free``, and trims the top of its heap bey
 so each new tensor is fresh memory: the kernel maps and zeroes it page by page on first touch.
 On the 2-core development machine that made the elementwise work of a Tetrominoes step run at
 under 1 GB/s and cost about a third of the step (``benchmarks/notes``, 2026-12-06 training step).
-With ``mmap`` and trimming raised to their limit, freed blocks stay in the heap and the next
-tensor of that size reuses them: the same step, bit for bit, about 1.5× faster on Tetrominoes.
+With ``mmap`` and trimming raised to their limit, freed blocks stay in the heap and later
+tensors reuse them (not every time: another thread's small block can split a freed one): the same step, bit for bit, about 1.5× faster on Tetrominoes.
 The process keeps its peak memory instead of returning it (PyTorch's CUDA allocator does the
 same on a GPU). Only glibc has ``mallopt``; elsewhere nothing changes.
 """

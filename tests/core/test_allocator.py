@@ -8,8 +8,9 @@ import textwrap
 
 import pytest
 
-# Allocates and frees a 32 MiB tensor four times; prints the minor page faults of each
-# allocation (8,192 pages of 4 KiB when the memory is new).
+# Allocates and frees a 32 MiB tensor six times; prints the fewest minor page faults of an
+# allocation after the first (8,192 pages of 4 KiB when the memory is new; another thread of the
+# process can take part of a freed block now and then, so one reuse is enough).
 SCRIPT = textwrap.dedent(
     """
     import resource, sys, torch
@@ -28,12 +29,12 @@ SCRIPT = textwrap.dedent(
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
     counts = []
-    for _ in range(4):
+    for _ in range(6):
         before = faults()
         x = torch.ones(8 * 2**20)
         counts.append(faults() - before)
         del x
-    print(counts[-1])
+    print(min(counts[1:]))
     """
 )
 
@@ -42,7 +43,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def faults_of_last_allocation(*args: str) -> int:
+def fewest_faults_of_a_reallocation(*args: str) -> int:
     out = subprocess.run(
         [sys.executable, "-c", SCRIPT, *args], capture_output=True, text=True, check=True
     )
@@ -50,15 +51,15 @@ def faults_of_last_allocation(*args: str) -> int:
 
 
 def test_by_default_a_freed_large_tensor_goes_back_to_the_kernel():
-    assert faults_of_last_allocation("plain") >= 8192  # every page new again
+    assert fewest_faults_of_a_reallocation("plain") >= 8192  # every page new again
 
 
 def test_the_module_setup_keeps_freed_memory_for_the_next_tensor():
-    assert faults_of_last_allocation("module", "1") < 100
+    assert fewest_faults_of_a_reallocation("module", "1") < 100
 
 
 def test_the_switch_off_leaves_the_c_library_defaults():
-    assert faults_of_last_allocation("module", "0") >= 8192
+    assert fewest_faults_of_a_reallocation("module", "0") >= 8192
 
 
 def test_it_reports_whether_the_setting_is_in_force():
