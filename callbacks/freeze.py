@@ -15,13 +15,14 @@ from dti_sprites.schedule import Schedule
 class SpriteFreeze(ScheduledCallback):
     """Freezes sprite appearances and masks for the first ``epochs`` epochs or ``steps`` steps.
 
-    While frozen, the model also drops the empty sprite from the candidates and switches the
-    λ penalty off (docs/method.md §4). The frozen state is a function of the epoch (or step), so
-    a resume continues exactly. This callback is the only one that freezes or releases the
-    sprites: with :class:`~dti_sprites.callbacks.SpriteSeeding` give it ``steps`` = the
-    seeding's ``at_step`` and list it after the seeding (the step of the seeding collects its
-    last crops with the sprites still frozen, and what follows it sees them released). The
-    release is an event of the run's event log (``unfreeze``).
+    While frozen, the model also drops the empty sprite from the candidates (unless
+    ``DTISprites(empty_while_frozen=True)``) and switches the λ penalty off (docs/method.md §4).
+    The frozen state is a function of the epoch (or step), so a resume continues exactly. This
+    callback is the only one that freezes or releases the sprites: with
+    :class:`~dti_sprites.callbacks.SpriteSeeding` give it ``steps`` = the seeding's ``at_step``
+    and list it after the seeding (the step of the seeding collects its last crops with the
+    sprites still frozen, and what follows it sees them released). The release is an event of
+    the run's event log (``unfreeze``).
 
     With ``steps``, the sprites are frozen for the steps that start with fewer than ``steps``
     steps done: the release happens at the end of step ``steps`` (after the callbacks listed

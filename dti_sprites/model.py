@@ -180,6 +180,11 @@ class DTISprites(nn.Module):
             the paper: a fast-recipe switch (docs/method.md §11), 1 (off) in the paper configs.
             f must divide ``image_size``, and ``layer_transforms`` must end with ``position``
             (``color`` may follow it).
+        empty_while_frozen: keep the empty sprite a candidate while the sprites are frozen
+            (the paper drops it then, λ being off): a layer with no object left to take can
+            stay empty instead of drawing a frozen blob over the background or over an object
+            that another layer holds. Not in the paper: a fast-recipe switch (docs/method.md
+            §11), off in the paper configs; needs ``empty_sprite``.
     """
 
     def __init__(
@@ -207,6 +212,7 @@ class DTISprites(nn.Module):
         orientations: NonNegativeInt = 0,
         compile: bool = False,
         select_downscale: PositiveInt = 1,
+        empty_while_frozen: bool = False,
     ) -> None:
         config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
@@ -244,6 +250,7 @@ class DTISprites(nn.Module):
         self.register_buffer("sprites_frozen", torch.tensor(False))
         self.set_orientations(orientations)
         self.select_downscale = int(select_downscale)
+        self.empty_while_frozen = bool(empty_while_frozen)
         self._greedy = greedy_select
         if compile:
             self.encoder.compile()  # in place: the state dict keys stay the same
@@ -284,6 +291,8 @@ class DTISprites(nn.Module):
                 f"select_downscale > 1 needs layer_transforms ending with 'position' (then only "
                 f"'color'), got {list(args['layer_transforms'])}"
             )
+        if args["empty_while_frozen"] and not args["empty_sprite"]:
+            raise ValueError("empty_while_frozen needs empty_sprite=True")
         if args["occlusion"] == "predicted" and args["n_layers"] < 2:
             raise ValueError("occlusion='predicted' needs n_layers >= 2")
 
@@ -401,11 +410,13 @@ class DTISprites(nn.Module):
         return 0.0 if bool(self.sprites_frozen) else float(self.empty_penalty)
 
     def candidate_penalty(self) -> Tensor:
-        """λ per candidate (K,): λ for sprites, 0 for the empty one (inf while frozen)."""
+        """λ per candidate (K,): λ for sprites, 0 for the empty one (inf while frozen, unless
+        ``empty_while_frozen``)."""
         k0 = self.sprites.n_sprites
         penalty = torch.full((self.n_candidates,), self.active_penalty)
         if self.sprites.empty_sprite:
-            penalty[k0] = float("inf") if bool(self.sprites_frozen) else 0.0
+            dropped = bool(self.sprites_frozen) and not self.empty_while_frozen
+            penalty[k0] = float("inf") if dropped else 0.0
         return penalty.to(self.sprites_frozen.device)
 
     def set_orientations(self, orientations: int) -> None:

@@ -82,6 +82,28 @@ def test_frozen_sprites_get_no_gradient_and_empty_is_no_candidate():
     assert (out.sprite_choice == -1).all()  # λ = 10 makes every sprite too expensive
 
 
+def test_empty_while_frozen_keeps_the_empty_sprite_a_candidate():
+    """A blank image (the constant background alone) while frozen: with the switch every layer
+    stays empty; without it every layer must draw a sprite. λ stays off either way."""
+    torch.manual_seed(0)
+    config = {**CONFIGS["multidsprites"], "empty_penalty": 10.0, "mask_noise": 0.0}
+    x = torch.full((4, 3, 16, 16), 0.5)  # the backgrounds' constant init: nothing to explain
+    for switch, expected_empty in ((True, True), (False, False)):
+        model = DTISprites(**config, empty_while_frozen=switch).eval()
+        model.freeze_sprites(True)
+        out = model(x)
+        assert bool((out.sprite_choice == -1).all()) is expected_empty, switch
+        assert model.active_penalty == 0.0
+    model.freeze_sprites(False)  # released: the paper's rule, the switch changes nothing
+    assert torch.equal(model.candidate_penalty(), DTISprites(**config).candidate_penalty())
+
+
+def test_empty_while_frozen_needs_the_empty_sprite():
+    config = {**CONFIGS["multidsprites"], "empty_sprite": False}
+    with pytest.raises(ValueError, match="empty_while_frozen needs empty_sprite"):
+        DTISprites(**config, empty_while_frozen=True)
+
+
 def test_copy_sprite_copies_appearance_mask_and_heads():
     torch.manual_seed(0)
     model = DTISprites(**CONFIGS["multidsprites"])
