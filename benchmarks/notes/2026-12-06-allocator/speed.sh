@@ -15,3 +15,5 @@ python benchmarks/profile_step.py --config tetrominoes multidsprites clevr6 --st
 # speed_clevr6.log: CLEVR6 side by side again (the authors' 'mean' background init needs a dataset: constant)
 PYTHONPATH=/tmp/kornia_site python benchmarks/train_step.py --config clevr6 --steps 3 --warmup 1 --threads 2 --authors-src $A
 PYTHONPATH=/tmp/kornia_site python benchmarks/train_step.py --config clevr6 --steps 3 --warmup 1 --threads 2 --authors-src $A --malloc-defaults
+# one process: CLEVR6 with the coarse selection against the authors step, the same allocator (speed_clevr6_coarse.log)
+PYTHONPATH=/tmp/kornia_site python benchmarks/train_step.py --config clevr6 --steps 3 --warmup 2 --threads 2 --select-downscale 2 --authors-src $A
