@@ -150,8 +150,8 @@ def benchmark(
     memory = peak_mb(device)
     encoder_time = timed(encoder_step, steps, warmup, device)
     name = f"{config}/{encoder}" if encoder else config
-    downscale = f" select_downscale={select_downscale}" if select_downscale != 1 else ""
-    downscale += "" if malloc_kept else " keep_freed_memory=0"
+    switches = f" select_downscale={select_downscale}" if select_downscale != 1 else ""
+    switches += "" if malloc_kept else " keep_freed_memory=0"
     authors = ""
     if authors_src is not None:
         authors_time = timed(authors_step(authors_src, config, images), steps, warmup, device)
@@ -159,7 +159,7 @@ def benchmark(
             f" authors_img_per_s={batch / authors_time:.1f} speedup={authors_time / step_time:.2f}"
         )
     print(
-        f"config={name} precision={precision} compile={int(compile_encoder)}{downscale} "
+        f"config={name} precision={precision} compile={int(compile_encoder)}{switches} "
         f"img_per_s={batch / step_time:.1f} peak_mb={memory:.0f} "
         f"encoder_ratio={step_time / encoder_time:.2f}{authors}",
         flush=True,
