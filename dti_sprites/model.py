@@ -32,7 +32,7 @@ from dti_sprites.transforms import (
     GroupedMLP,
     TransformName,
     TransformSequence,
-    rotate_params,
+    pose_params,
 )
 
 ParamSlice = tuple[nn.Parameter, tuple[int | slice, ...]]
@@ -170,6 +170,13 @@ class DTISprites(nn.Module):
             with the sprite: the network only has to predict the rest of the rotation (under
             π/n). Not in the paper: a fast-recipe switch (docs/method.md §11); the selection
             scores n times more candidates. Off (0, 1) while that transformation is inactive.
+        candidate_sizes: with sizes (s₁, …), every sprite (at every orientation) is also a
+            candidate drawn s times the size its similarity / affine transformation predicts
+            (scaled about the canvas centre before that transformation, which must come first
+            as for ``orientations``), and the selection picks the size with the sprite, so a
+            sprite need not stand for a size while the network cannot predict one yet. Not in
+            the paper: a fast-recipe switch (docs/method.md §11); the selection scores
+            len(sizes) times more candidates. Off (empty) in the paper configs.
         compile: compile the encoder and the greedy selection with ``torch.compile`` (fused
             kernels; the first steps pay the compilation). Same arithmetic up to floating-point
             reassociation, so a near-tie may choose differently: off in the paper configs.
@@ -210,6 +217,7 @@ class DTISprites(nn.Module):
         background_value: float = 0.5,
         hidden: PositiveInt = 128,
         orientations: NonNegativeInt = 0,
+        candidate_sizes: Sequence[PositiveFloat] = (),
         compile: bool = False,
         select_downscale: PositiveInt = 1,
         empty_while_frozen: bool = False,
@@ -248,7 +256,7 @@ class DTISprites(nn.Module):
         head = GroupedMLP(1, n_features, n_pairs, hidden) if occlusion == "predicted" else None
         self.occlusion = Occlusion(n_layers, occlusion, head if n_pairs else None)
         self.register_buffer("sprites_frozen", torch.tensor(False))
-        self.set_orientations(orientations)
+        self.set_orientations(orientations, candidate_sizes)
         self.select_downscale = int(select_downscale)
         self.empty_while_frozen = bool(empty_while_frozen)
         self._greedy = greedy_select
@@ -419,42 +427,53 @@ class DTISprites(nn.Module):
             penalty[k0] = float("inf") if dropped else 0.0
         return penalty.to(self.sprites_frozen.device)
 
-    def set_orientations(self, orientations: int) -> None:
-        """Try every sprite at ``orientations`` turns in the selection from now on (docs/method.md
-        §11), e.g. a wider search at inference than in training; 0 or 1: no turns."""
+    def set_orientations(
+        self, orientations: int, candidate_sizes: Sequence[float] | None = None
+    ) -> None:
+        """Try every sprite at ``orientations`` turns (and, when given, at ``candidate_sizes``)
+        in the selection from now on (docs/method.md §11), e.g. a wider search at inference
+        than in training; 0 or 1 orientations and no sizes: every sprite as predicted."""
+        sizes = self.candidate_sizes if candidate_sizes is None else tuple(candidate_sizes)
+        if any(size <= 0 for size in sizes):
+            raise ValueError(f"candidate_sizes must be positive, got {list(sizes)}")
         geometric = [
             i for i, name in enumerate(self.sprite_transforms.names) if name != "color"
-        ]  # the first one takes the orientation turns
-        if orientations > 1 and (
+        ]  # the first one takes the turns and sizes
+        posed = orientations > 1 or len(sizes) > 0
+        if posed and (
             not geometric
             or self.sprite_transforms.names[geometric[0]] not in ("similarity", "affine")
         ):
             raise ValueError(
-                "orientations > 1 needs 'similarity' or 'affine' as the first geometric "
-                f"sprite transformation, got {self.sprite_transforms.names}"
+                "orientations > 1 or candidate_sizes need 'similarity' or 'affine' as the first "
+                f"geometric sprite transformation, got {self.sprite_transforms.names}"
             )
-        self._turned = geometric[0] if orientations > 1 else None
+        self._turned = geometric[0] if posed else None
         self.orientations = int(orientations)
+        self.candidate_sizes = tuple(float(size) for size in sizes)
 
     def _turns(self, sprite_p: list[Tensor | None]) -> int:
-        """R, the orientations per sprite this forward: 1 unless ``orientations`` > 1 and the
-        transformation that takes the turns is active."""
+        """R, the poses (orientations × sizes) per sprite this forward: 1 unless
+        ``orientations`` > 1 or ``candidate_sizes`` and the transformation that takes the poses
+        is active."""
         if self._turned is None or sprite_p[self._turned] is None:
             return 1
-        return self.orientations
+        return max(self.orientations, 1) * max(len(self.candidate_sizes), 1)
 
     def _turned_params(self, sprite_p: list[Tensor | None], turns: int) -> list[Tensor | None]:
-        """Per-(layer, sprite) parameters (B, L·K0, P) -> per (layer, sprite, orientation)
-        (B, L·K0·R, P): the turned transformation's composed with each turn, the others
-        repeated."""
+        """Per-(layer, sprite) parameters (B, L·K0, P) -> per (layer, sprite, pose)
+        (B, L·K0·R, P): the posed transformation's composed with each orientation and size
+        (orientation-major), the others repeated."""
         out: list[Tensor | None] = []
         for i, p in enumerate(sprite_p):
             if p is None:
                 out.append(None)
             elif i == self._turned:
                 module = self.sprite_transforms.transforms[i]
-                turned = rotate_params(module, p.flatten(0, 1), turns)  # (B·L·K0, R, P)
-                out.append(turned.view(p.shape[0], -1, p.shape[-1]))  # (B, L·K0·R, P)
+                sizes = self.candidate_sizes or (1.0,)
+                flat = p.flatten(0, 1)  # (B·L·K0, P)
+                posed = pose_params(module, flat, max(self.orientations, 1), sizes)  # (·, R, P)
+                out.append(posed.view(p.shape[0], -1, p.shape[-1]))  # (B, L·K0·R, P)
             else:
                 out.append(p.repeat_interleave(turns, dim=1))  # (B, L·K0·R, P)
         return out

@@ -148,14 +148,28 @@ def rotate_params(module: Transformation, params: Tensor, turns: int) -> Tensor:
     R_r (x_r(q) = x(R_r q)) and then warping gives x(R_r θ [p, 1]): the product R_r θ is again
     a similarity (affine) matrix. params (N, P) -> (N, turns, P); r = 0 returns ``params``.
     """
+    return pose_params(module, params, turns)
+
+
+def pose_params(
+    module: Transformation, params: Tensor, turns: int, sizes: Sequence[float] = (1.0,)
+) -> Tensor:
+    """Parameters of ``module`` that first turn its input by 2πr/``turns`` and scale it by each
+    of ``sizes`` about the canvas centre: (N, P) -> (N, turns · len(sizes), P), turn-major.
+
+    A size s draws the input s times larger: the warp reads it at R_r θ [p, 1] / s, again a
+    similarity (affine) matrix. Turn 0 at size 1 returns ``params``.
+    """
     if not isinstance(module, SimilarityTransform | AffineTransform):
-        raise TypeError(f"rotate_params: {type(module).__name__} is not a similarity or affine")
+        raise TypeError(f"pose_params: {type(module).__name__} is not a similarity or affine")
     angles = torch.arange(turns, dtype=params.dtype, device=params.device) * (2 * math.pi / turns)
     cos, sin = angles.cos(), angles.sin()
-    rotations = torch.stack([cos, -sin, sin, cos], 1).view(turns, 2, 2)  # (R, 2, 2)
+    rotations = torch.stack([cos, -sin, sin, cos], 1).view(turns, 1, 2, 2)  # (R, 1, 2, 2)
+    shrink = 1 / torch.tensor(sizes, dtype=params.dtype, device=params.device)  # (S,)
+    poses = (rotations * shrink.view(1, -1, 1, 1)).flatten(0, 1)  # (R·S, 2, 2)
     theta = module.theta(params)  # (N, 2, 3)
-    rotated = rotations[None] @ theta[:, None]  # (N, R, 2, 3)
-    return module.params(rotated.flatten(0, 1)).view(len(params), turns, -1)  # (N, R, P)
+    posed = poses[None] @ theta[:, None]  # (N, R·S, 2, 3)
+    return module.params(posed.flatten(0, 1)).view(len(params), len(poses), -1)  # (N, R·S, P)
 
 
 class ProjectiveTransform(Transformation):

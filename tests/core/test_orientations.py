@@ -5,9 +5,15 @@ import math
 
 import pytest
 import torch
+from small_model import CONFIGS, randomise_heads
 
 from dti_sprites.model import DTISprites
-from dti_sprites.transforms import AffineTransform, SimilarityTransform, rotate_params
+from dti_sprites.transforms import (
+    AffineTransform,
+    SimilarityTransform,
+    pose_params,
+    rotate_params,
+)
 
 PIECE = torch.zeros(10, 10)
 PIECE[2:8, 3:5] = 1  # an L: a vertical bar and a foot (no rotational symmetry)
@@ -80,9 +86,9 @@ def test_orientations_are_off_while_the_similarity_is_inactive():
 
 
 def test_orientations_need_a_similarity_or_affine_first():
-    with pytest.raises(ValueError, match="orientations > 1 needs"):
+    with pytest.raises(ValueError, match="orientations > 1 or candidate_sizes need"):
         DTISprites(image_size=20, sprite_size=10, sprite_transforms=["projective"], orientations=4)
-    with pytest.raises(ValueError, match="orientations > 1 needs"):
+    with pytest.raises(ValueError, match="orientations > 1 or candidate_sizes need"):
         DTISprites(image_size=20, sprite_size=10, orientations=4)
 
 
@@ -98,5 +104,90 @@ def test_set_orientations_turns_a_trained_model_into_the_one_built_with_them():
     torch.testing.assert_close(a.reconstruction, b.reconstruction, rtol=0, atol=0)
     plain.set_orientations(1)  # back to no turns: the upright piece again
     assert plain(image).mse.item() > 0.01
-    with pytest.raises(ValueError, match="orientations > 1 needs"):
+    with pytest.raises(ValueError, match="orientations > 1 or candidate_sizes need"):
         DTISprites(image_size=20, sprite_size=10).set_orientations(4)
+
+
+# Size candidates (``DTISprites(candidate_sizes=...)``): each sprite also drawn s times larger.
+
+
+@pytest.mark.parametrize("family", [SimilarityTransform, AffineTransform])
+def test_posed_parameters_are_turn_and_shrink_times_the_predicted_matrix(family):
+    module = family((10, 10))
+    params = 0.3 * torch.randn(4, module.n_params, generator=torch.Generator().manual_seed(2))
+    sizes = (0.5, 1.0, 2.0)
+    posed = pose_params(module, params, 4, sizes)  # (4, 4·3, P), turn-major
+    assert posed.shape == (4, 12, module.n_params)
+    torch.testing.assert_close(posed[:, 1], params)  # turn 0 at size 1
+    torch.testing.assert_close(rotate_params(module, params, 4), posed[:, 1::3])
+    for r in range(4):
+        angle = 2 * math.pi * r / 4
+        rotation = torch.tensor(
+            [[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]]
+        )
+        for j, size in enumerate(sizes):
+            expected = rotation @ module.theta(params) / size
+            torch.testing.assert_close(module.theta(posed[:, 3 * r + j]), expected)
+
+
+def test_size_two_renders_the_canvas_twice_as_large_about_its_centre():
+    module = SimilarityTransform((10, 10))
+    square = torch.zeros(10, 10)
+    square[4:6, 4:6] = 1  # 2×2 in the centre
+    posed = pose_params(module, torch.zeros(1, 4), 1, (2.0,))
+    out = module(square[None, None, None], posed[:, 0])[0, 0, 0]
+    expected = torch.zeros(10, 10)
+    expected[3:7, 3:7] = 1  # 4×4 in the centre
+    assert (out > 0.5).equal(expected.bool())
+
+
+def sized_model(sizes: tuple[float, ...]) -> DTISprites:
+    """One sprite, a centred 4×4 square, at the initial placement (canvas on pixels 5..14)."""
+    torch.manual_seed(0)
+    model = DTISprites(
+        image_size=20,
+        n_sprites=1,
+        n_layers=1,
+        n_backgrounds=0,
+        sprite_size=10,
+        sprite_transforms=["similarity"],
+        candidate_sizes=sizes,
+    ).eval()
+    with torch.no_grad():
+        model.sprites.mask.zero_()
+        model.sprites.mask[:, :, 3:7, 3:7] = 1
+    return model
+
+
+def test_the_selection_picks_the_size_that_explains_the_image():
+    image = torch.zeros(1, 3, 20, 20)
+    image[0, :, 7:13, 7:13] = 0.9  # the square at 1.5 times its size, in grey
+    plain, sized = sized_model(()), sized_model((0.75, 1.5))
+    plain_mse = plain(image).mse.item()  # the square at its own size: a 4×4 for a 6×6
+    out = sized(image)
+    assert out.mse.item() < plain_mse / 5  # bilinear edges only
+    assert out.sprite_choice.tolist() == [[0]]
+    a, b = out.params["sprite/similarity"][0, 0, :2].unbind(-1)  # the matrix reads 1 / 1.5
+    torch.testing.assert_close(1 + a, torch.tensor(1 / 1.5), atol=1e-6, rtol=0)
+    torch.testing.assert_close(b, torch.tensor(0.0), atol=1e-6, rtol=0)
+
+
+def test_candidate_sizes_need_a_similarity_and_positive_sizes():
+    with pytest.raises(ValueError, match="orientations > 1 or candidate_sizes need"):
+        DTISprites(image_size=20, sprite_size=10, candidate_sizes=[1.0, 2.0])
+    with pytest.raises(ValueError, match="candidate_sizes must be positive"):
+        sized_model(()).set_orientations(0, [1.0, 0.0])
+
+
+def test_with_size_candidates_every_parameter_gets_a_gradient():
+    torch.manual_seed(0)
+    config = {**CONFIGS["multidsprites_orientations"], "candidate_sizes": [0.8, 1.25]}
+    model = DTISprites(**config, empty_penalty=0.0).train()
+    randomise_heads(model)
+    x = 0.5 * torch.rand(24, 3, 1, 1) + 0.5 * torch.rand(24, 3, 16, 16)
+    out = model(x)
+    out.mse.mean().backward()
+    assert set(out.sprite_choice[out.sprite_choice >= 0].tolist()) == {0, 1, 2}
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
