@@ -19,11 +19,18 @@ its pixels in the instance map (docs/method.md §9). It prints:
   n·(predicted − true) (or of n·(predicted + true), whichever sign is larger); 1 means the
   rotation is learned, about 1/sqrt(count) means it is unrelated;
 - **scale**: the Pearson correlation of the layer's predicted scale with the object's;
+- **placement**: the median distance (pixels) from an object's centroid to the centre of the
+  sprite its covering layer draws, and to the nearest layer's; the *layer reach*, a layer's
+  drawn centre's standard deviation over the images (objects spread over the whole image: a
+  layer that stays within a few pixels of one spot covers a region, not an object);
 - the harness's ARI-FG, mIoU and mACC of the same images.
 
 ``--orientations N`` decomposes with every sprite tried at N orientations (docs/method.md §11)
 whatever the model was trained with: if the scores jump, the sprites are right and the predicted
-rotations are what is missing.
+rotations are what is missing. ``--sizes S …`` does the same with candidate sizes (``--sizes``
+alone: none). The summary also gives the *size purity*: the purity of the sprites against the
+object's scale tercile (0.5-1 in three bins) instead of its shape; when it is above the shape
+purity, a layer's choice of sprite stands for the size of its object.
 
 With ``--out`` it writes ``objects.csv`` (one row per object) and ``summary.csv``.
 """
@@ -63,11 +70,28 @@ def similarity_angle_scale(params: dict[str, torch.Tensor]) -> tuple[np.ndarray,
     return angle, 1 / scale  # drawn size ∝ 1 / θ's scale
 
 
+def drawn_centres(params: dict[str, torch.Tensor], size: int) -> np.ndarray:
+    """Where each layer draws its sprite canvas's centre, in image pixels (x, y): (B, L, 2).
+
+    The layer's position maps image to canvas coordinates (q = s·p + t), the sprite's
+    similarity maps canvas to sprite coordinates (r = A·q + t'); the sprite's centre r = 0 is
+    at q = −A⁻¹t', so at p = (q − t) / s."""
+    pos = params["layer/position"].double().cpu().numpy()  # (B, L, 3)
+    q = np.zeros((*pos.shape[:2], 2))
+    if "sprite/similarity" in params:
+        a, b, tx, ty = np.moveaxis(params["sprite/similarity"].double().cpu().numpy(), -1, 0)
+        rows = np.stack([np.stack([1 + a, -b], -1), np.stack([b, 1 + a], -1)], -2)  # (B, L, 2, 2)
+        q = -np.linalg.solve(rows, np.stack([tx, ty], -1)[..., None])[..., 0]
+    p = (q - pos[..., 1:]) / (1 + np.exp(pos[..., :1]))  # normalised image coordinates
+    return (p + 1) * size / 2 - 0.5  # pixel centres at 0 .. size − 1
+
+
 def probe(
     model: DTISprites, path: Path, first: int, count: int, batch_size: int
 ) -> tuple[list[dict], dict[str, float]]:
     """Per-object rows, and the harness's scores (ARI-FG, mIoU, mACC) of the same images."""
     rows: list[dict] = []
+    layer_centres: list[np.ndarray] = []
     ari_fg: list[torch.Tensor] = []
     semantic = SemanticScores(4, model.sprites.n_sprites + 1)  # background + 3 shapes
     with h5py.File(path, "r") as f:
@@ -82,6 +106,8 @@ def probe(
             instance = out.instance().numpy()  # (B, H, W), 0 = background, l + 1 = layer l
             choice = out.sprite_choice.numpy()  # (B, L)
             angle, scale = similarity_angle_scale(out.params)  # (B, L) each
+            centres = drawn_centres(out.params, image.shape[-1])  # (B, L, 2)
+            layer_centres.append(centres)
             mask = f["mask"][start:stop]  # (B, H, W), 0 = background, e = entity e
             shape, orient = f["shape"][start:stop], f["orientation"][start:stop]  # (B, E)
             true_scale = f["scale"][start:stop]
@@ -98,6 +124,8 @@ def probe(
                 layer_area = np.bincount(instance[i].ravel(), minlength=n_layers + 1)
                 for j, e in enumerate(entities):
                     area = overlap[j].sum()
+                    ys, xs = np.nonzero(mask[i] == e)
+                    offsets = np.hypot(*(centres[i] - [xs.mean(), ys.mean()]).T)  # (L,)
                     layer = int(overlap[j, 1:].argmax()) + 1
                     inter = overlap[j, layer]
                     iou = inter / (area + layer_area[layer] - inter)
@@ -120,14 +148,37 @@ def probe(
                             "split": bool(len(covered) > 1 and covered[1] >= 0.25 * area),
                             "pred_angle": float(angle[i, layer - 1]),
                             "pred_scale": float(scale[i, layer - 1]),
+                            "centre_offset": float(offsets[layer - 1]),
+                            "nearest_centre": float(offsets.min()),
                         }
                     )
     scores = semantic.compute()
+    spread = np.concatenate(layer_centres).std(0)  # (L, 2): over images, per layer and axis
     return rows, {
         "ARI-FG": float(torch.cat(ari_fg).nanmean()) * 100,
         "mIoU": float(scores["miou"]) * 100,
         "mACC": float(scores["macc"]) * 100,
+        "layer reach (px, std of a layer's centre over images)": float(spread.mean()),
     }
+
+
+def median(rows: list[dict], key: str) -> float:
+    return float(np.median([r[key] for r in rows]))
+
+
+def purity(rows: list[dict], key: str, found_only: bool) -> float:
+    """Share of non-empty objects whose sprite's majority ``key`` is theirs: ``shape``, or
+    ``tercile`` of the scale range 0.5-1 (whether the choice stands for the object's size)."""
+    counts: dict[tuple[int, int], int] = {}
+    for r in rows:
+        if r["sprite"] < 0 or (found_only and r["iou"] < 0.5):
+            continue
+        value = r["shape"] if key == "shape" else min(int((r["scale"] - 0.5) / (0.5 / 3)), 2)
+        counts[r["sprite"], value] = counts.get((r["sprite"], value), 0) + 1
+    best: dict[int, int] = {}
+    for (sprite, _), n in counts.items():
+        best[sprite] = max(best.get(sprite, 0), n)
+    return sum(best.values()) / max(sum(counts.values()), 1)
 
 
 def summarise(rows: list[dict], n_sprites: int, min_pixels: int) -> list[tuple[str, float]]:
@@ -139,6 +190,8 @@ def summarise(rows: list[dict], n_sprites: int, min_pixels: int) -> list[tuple[s
         ("mean IoU", float(iou.mean())),
         ("merged", float(np.mean([r["merged"] for r in rows]))),
         ("split", float(np.mean([r["split"] for r in rows]))),
+        ("centre offset of the covering layer (px, median)", median(rows, "centre_offset")),
+        ("nearest layer centre (px, median)", median(rows, "nearest_centre")),
     ]
     sprites = list(range(-1, n_sprites))
     confusion = np.zeros((3, len(sprites)), dtype=int)  # shapes 1..3 × sprites −1..K0−1
@@ -150,6 +203,8 @@ def summarise(rows: list[dict], n_sprites: int, min_pixels: int) -> list[tuple[s
     out.append(
         ("sprite purity", float(confusion[:, 1:].max(0).sum() / max(confusion[:, 1:].sum(), 1)))
     )
+    out.append(("sprite purity (found objects)", purity(rows, "shape", True)))
+    out.append(("size purity (scale terciles)", purity(rows, "tercile", False)))
     for k in range(n_sprites):
         for s in (1, 2, 3):
             pair = [r for r in rows if r["sprite"] == k and r["shape"] == s and r["iou"] >= 0.5]
@@ -181,12 +236,19 @@ def main() -> None:
         type=int,
         help="score with every sprite tried at this many orientations (the model's: default)",
     )
+    parser.add_argument(
+        "--sizes",
+        type=float,
+        nargs="*",
+        help="score with every sprite also tried at these sizes (the model's: default)",
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = DTISprites.from_checkpoint(args.checkpoint).eval()
-    if args.orientations is not None:  # an inference-time search over more orientations
-        model.set_orientations(args.orientations)
+    if args.orientations is not None or args.sizes is not None:  # an inference-time search
+        orientations = model.orientations if args.orientations is None else args.orientations
+        model.set_orientations(orientations, args.sizes)
     rows, scores = probe(model, args.data, args.first, args.count, args.batch_size)
     summary = [*scores.items(), *summarise(rows, model.sprites.n_sprites, args.min_pixels)]
     for name, value in summary:
