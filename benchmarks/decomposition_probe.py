@@ -45,6 +45,7 @@ import h5py
 import numpy as np
 import torch
 
+from dti_sprites.allocator import keep_freed_memory
 from dti_sprites.metrics import SemanticScores, ari_per_image
 from dti_sprites.model import DTISprites
 
@@ -242,10 +243,18 @@ def main() -> None:
         nargs="*",
         help="score with every sprite also tried at these sizes (the model's: default)",
     )
+    parser.add_argument(
+        "--frozen",
+        action="store_true",
+        help="decompose as in the frozen phase (no empty sprite): a checkpoint saved at the end "
+        "of a run stopped before the seeding is unfrozen by SpriteFreeze.on_fit_end",
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # the step's large temporaries reused, not page-faulted again
     model = DTISprites.from_checkpoint(args.checkpoint).eval()
+    model.freeze_sprites(args.frozen or bool(model.sprites_frozen))
     if args.orientations is not None or args.sizes is not None:  # an inference-time search
         orientations = model.orientations if args.orientations is None else args.orientations
         model.set_orientations(orientations, args.sizes)
