@@ -43,22 +43,28 @@ def test_a_quarter_turn_renders_the_canvas_turned_a_quarter():
         torch.testing.assert_close(out, torch.rot90(PIECE, r), atol=1e-5, rtol=0)
 
 
-def scene_model(orientations: int) -> DTISprites:
-    """One sprite, the L piece, at the initial placement (canvas on image pixels 5..14)."""
+def one_sprite_model(mask: torch.Tensor, n_layers: int, **switches) -> DTISprites:
+    """One sprite with this 10×10 mask, its similarity on, at the initial placement (canvas on
+    image pixels 5..14); ``switches``: orientations, candidate_sizes."""
     torch.manual_seed(0)
     model = DTISprites(
         image_size=20,
         n_sprites=1,
-        n_layers=2,
+        n_layers=n_layers,
         n_backgrounds=0,
         sprite_size=10,
         mask_std=3,
         sprite_transforms=["similarity"],
-        orientations=orientations,
+        **switches,
     ).eval()
     with torch.no_grad():
-        model.sprites.mask.copy_(PIECE)
+        model.sprites.mask.copy_(mask)
     return model
+
+
+def scene_model(orientations: int) -> DTISprites:
+    """The L piece on two layers."""
+    return one_sprite_model(PIECE, 2, orientations=orientations)
 
 
 def test_the_selection_picks_the_orientation_that_explains_the_image():
@@ -141,22 +147,13 @@ def test_size_two_renders_the_canvas_twice_as_large_about_its_centre():
     assert (out > 0.5).equal(expected.bool())
 
 
+SQUARE = torch.zeros(10, 10)
+SQUARE[3:7, 3:7] = 1  # a centred 4×4 square
+
+
 def sized_model(sizes: tuple[float, ...]) -> DTISprites:
-    """One sprite, a centred 4×4 square, at the initial placement (canvas on pixels 5..14)."""
-    torch.manual_seed(0)
-    model = DTISprites(
-        image_size=20,
-        n_sprites=1,
-        n_layers=1,
-        n_backgrounds=0,
-        sprite_size=10,
-        sprite_transforms=["similarity"],
-        candidate_sizes=sizes,
-    ).eval()
-    with torch.no_grad():
-        model.sprites.mask.zero_()
-        model.sprites.mask[:, :, 3:7, 3:7] = 1
-    return model
+    """The square on one layer."""
+    return one_sprite_model(SQUARE, 1, candidate_sizes=sizes)
 
 
 def test_the_selection_picks_the_size_that_explains_the_image():
