@@ -201,9 +201,7 @@ def summarise(rows: list[dict], n_sprites: int, min_pixels: int) -> list[tuple[s
     print("shape \\ sprite " + " ".join(f"{s:>6d}" for s in sprites))
     for s, name in enumerate(("square", "ellipse", "heart")):
         print(f"{name:>14s} " + " ".join(f"{c:>6d}" for c in confusion[s]))
-    out.append(
-        ("sprite purity", float(confusion[:, 1:].max(0).sum() / max(confusion[:, 1:].sum(), 1)))
-    )
+    out.append(("sprite purity", purity(rows, "shape", False)))
     out.append(("sprite purity (found objects)", purity(rows, "shape", True)))
     out.append(("size purity (scale terciles)", purity(rows, "tercile", False)))
     for k in range(n_sprites):
@@ -254,7 +252,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     keep_freed_memory()  # the step's large temporaries reused, not page-faulted again
     model = DTISprites.from_checkpoint(args.checkpoint).eval()
-    model.freeze_sprites(args.frozen or bool(model.sprites_frozen))
+    if args.frozen:
+        model.freeze_sprites(True)
     if args.orientations is not None or args.sizes is not None:  # an inference-time search
         orientations = model.orientations if args.orientations is None else args.orientations
         model.set_orientations(orientations, args.sizes)
