@@ -7,7 +7,7 @@ so each new tensor is fresh memory: the kernel maps and zeroes it page by page o
 On the 2-core development machine that made the elementwise work of a Tetrominoes step run at
 under 1 GB/s and cost about a third of the step (``benchmarks/notes``, 2026-12-06 training step).
 With ``mmap`` and trimming raised to their limit, freed blocks stay in the heap and later
-tensors reuse them (not every time: another thread's small block can split a freed one): the
+tensors reuse them (not every time: a small allocation in between can split a freed block): the
 same step, bit for bit, 1.2× faster on Tetrominoes and 1.8× on CLEVR6 in a side-by-side run.
 The process keeps its peak memory instead of returning it (PyTorch's CUDA allocator does the
 same on a GPU). Only glibc has ``mallopt``; elsewhere nothing changes.
