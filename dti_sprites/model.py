@@ -30,6 +30,7 @@ from dti_sprites.sprites import BackgroundInit, Backgrounds, SpriteBank, softcli
 from dti_sprites.transforms import (
     TRANSFORM_NAMES,
     GroupedMLP,
+    PositionTransform,
     TransformName,
     TransformSequence,
     pose_params,
@@ -65,7 +66,10 @@ class Decomposition:
         background_choice: (B,) int64 background index.
         mse: (B,) per-image reconstruction error (differentiable).
         params: parameters of the selected transformations, e.g. ``layer/position`` (B, L, 3),
-            ``sprite/similarity`` (B, L, 4), ``background/color`` (B, 6).
+            ``sprite/similarity`` (B, L, 4), ``background/color`` (B, 6); with a placement
+            search, ``layer/position`` is where the layers were drawn.
+        placement: the placement search's distillation loss (a scalar, weighted), None when
+            no search ran (``DTISprites(placement_search=…)``).
     """
 
     reconstruction: Tensor
@@ -76,6 +80,7 @@ class Decomposition:
     background_choice: Tensor
     mse: Tensor
     params: dict[str, Tensor] = field(default_factory=dict)
+    placement: Tensor | None = None
     _instance: Tensor | None = field(default=None, init=False, repr=False)
 
     @property
@@ -192,6 +197,16 @@ class DTISprites(nn.Module):
             stay empty instead of drawing a frozen blob over the background or over an object
             that another layer holds. Not in the paper: a fast-recipe switch (docs/method.md
             §11), off in the paper configs; needs ``empty_sprite``.
+        placement_search: with r > 0, while the sprites are frozen and in training, every
+            layer is also a selection candidate drawn at the offsets of a (2r+1)×(2r+1) grid
+            around its predicted position (``placement_step`` pixels apart), and the network's
+            predicted translation is pulled toward the offset chosen (``placement_weight`` ×
+            the squared distance, in canvas units): non-local moves for layers whose frozen
+            blob is too far from an object for the reconstruction's gradient to reach it.
+            Identical frozen sprites are rendered once. Not in the paper: a fast-recipe switch
+            (docs/method.md §11), 0 (off) in the paper configs; needs ``position``.
+        placement_step: the spacing of the placement search's offsets, in pixels.
+        placement_weight: the weight of the placement search's distillation loss.
     """
 
     def __init__(
@@ -221,6 +236,9 @@ class DTISprites(nn.Module):
         compile: bool = False,
         select_downscale: PositiveInt = 1,
         empty_while_frozen: bool = False,
+        placement_search: NonNegativeInt = 0,
+        placement_step: PositiveFloat = 8.0,
+        placement_weight: NonNegativeFloat = 1.0,
     ) -> None:
         config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
@@ -259,6 +277,9 @@ class DTISprites(nn.Module):
         self.set_orientations(orientations, candidate_sizes)
         self.select_downscale = int(select_downscale)
         self.empty_while_frozen = bool(empty_while_frozen)
+        self.placement_search = int(placement_search)
+        self.placement_step = float(placement_step)
+        self.placement_weight = float(placement_weight)
         self._greedy = greedy_select
         if compile:
             self.encoder.compile()  # in place: the state dict keys stay the same
@@ -298,6 +319,11 @@ class DTISprites(nn.Module):
             raise ValueError(
                 f"select_downscale > 1 needs layer_transforms ending with 'position' (then only "
                 f"'color'), got {list(args['layer_transforms'])}"
+            )
+        if args["placement_search"] > 0 and "position" not in args["layer_transforms"]:
+            raise ValueError(
+                "placement_search > 0 moves the layers' 'position': add it to layer_transforms, "
+                f"got {list(args['layer_transforms'])}"
             )
         if args["empty_while_frozen"] and not args["empty_sprite"]:
             raise ValueError("empty_while_frozen needs empty_sprite=True")
@@ -478,6 +504,40 @@ class DTISprites(nn.Module):
                 out.append(p.repeat_interleave(turns, dim=1))  # (B, L·K0·R, P)
         return out
 
+    def placement_offsets(self) -> Tensor:
+        """The placement search's offsets (O, 2): (x, y) in normalised image units on a
+        (2r+1)×(2r+1) grid ``placement_step`` pixels apart, no move first (it wins ties)."""
+        r = self.placement_search
+        steps = torch.arange(-r, r + 1, dtype=torch.float32) * (
+            2 * self.placement_step / self.image_size
+        )
+        dy, dx = torch.meshgrid(steps, steps, indexing="ij")
+        grid = torch.stack([dx.flatten(), dy.flatten()], 1)  # (O, 2)
+        centre = len(grid) // 2
+        return grid[[centre] + [i for i in range(len(grid)) if i != centre]]
+
+    def _position_index(self) -> int:
+        return self.layer_transforms.names.index("position")
+
+    def _searching(self, layer_p: list[Tensor | None]) -> bool:
+        """Whether this forward runs the placement search: in training, sprites frozen, the
+        layers' position predicted."""
+        return (
+            self.training
+            and self.placement_search > 0
+            and bool(self.sprites_frozen)
+            and layer_p[self._position_index()] is not None
+        )
+
+    def _moved(self, layer_p: list[Tensor | None], offsets: Tensor) -> list[Tensor | None]:
+        """Per-layer parameters (B·L, P) -> per (layer, offset) (B·L·O, P), offset-minor: the
+        position moved by each offset, the others repeated."""
+        n_off, ip = len(offsets), self._position_index()
+        out = [None if p is None else p.repeat_interleave(n_off, 0) for p in layer_p]
+        rows = len(layer_p[ip])
+        out[ip] = PositionTransform.shifted(out[ip], offsets.repeat(rows, 1))
+        return out
+
     def _canvases(self, noisy: bool) -> Tensor:
         """Sprite canvases (K, C+2, h, w): RGB, mask, and a support channel (0 for empty).
 
@@ -549,29 +609,51 @@ class DTISprites(nn.Module):
         bg_p: list[Tensor | None],
         occ: Tensor,
         turns: int = 1,
-    ) -> tuple[Tensor, Tensor]:
-        """Render every candidate (no gradients) and choose: sprites (B, L), background (B,).
+        offsets: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Render every candidate (no gradients) and choose: sprites (B, L), background (B,),
+        and with ``offsets`` (O, 2) the offset each layer is drawn at (B, L), else None.
 
         With ``turns`` R > 1, ``sprite_p`` holds (B, L·K0·R, P) and the candidates are the K0·R
         (sprite, orientation) pairs, sprite-major: a choice c < K0·R is sprite c // R at
-        orientation c % R, and K0·R is the empty sprite.
+        orientation c % R, and K0·R is the empty sprite. With offsets, every candidate is
+        also drawn at each of them (offset-major, then the empty sprite); identical sprites
+        with no sprite transformation are rendered once and count as the first.
         """
         b, n_layers, k0 = len(image), self.n_layers, self.sprites.n_sprites
-        k = k0 * turns  # rendered candidates per layer
+        k = k0 * turns  # candidates per layer at one placement
+        n_off = 1 if offsets is None else len(offsets)
         sprites = canvases[:k0].repeat_interleave(turns, 0) if turns > 1 else canvases[:k0]
-        cand_canvas = sprites.expand(b * n_layers, -1, -1, -1, -1)  # (B·L, K, C+2, h, w)
-        flat_sprite_p = [None if p is None else p.reshape(b * n_layers * k, -1) for p in sprite_p]
+        shared = (
+            offsets is not None
+            and all(p is None for p in sprite_p)
+            and bool((canvases[1:k0] == canvases[:1]).all())
+        )
+        if shared:
+            sprites = sprites[:1]
+        k_r = len(sprites)  # rendered per layer and placement
+        cand_canvas = sprites.expand(b * n_layers * n_off, -1, -1, -1, -1)  # (B·L·O, k_r, …)
+        flat_sprite_p = [
+            None
+            if p is None
+            else p.reshape(b * n_layers, 1, k, -1)  # (B·L, 1, K, P)
+            .expand(-1, n_off, -1, -1)  # (B·L, O, K, P)
+            .reshape(b * n_layers * n_off * k, -1)
+            for p in sprite_p
+        ]  # (B·L·O·K, P) each
+        if offsets is not None:
+            layer_p = self._moved(layer_p, offsets)  # (B·L·O, P) each
         f = self.select_downscale  # candidates scored on an (H/f)×(W/f) grid
         out_size = None if f == 1 else (self.image_size // f, self.image_size // f)
         cand_noise = None
         if noise is not None:
             cand_noise = noise[:k0].repeat_interleave(turns, 0) if turns > 1 else noise[:k0]
-            cand_noise = cand_noise[None, ..., ::f, ::f]  # (1, K, 1, H/f, W/f): same law
+            cand_noise = cand_noise[None, :k_r, ..., ::f, ::f]  # (1, k_r, 1, H/f, W/f)
         rgb, alpha = self._render(
             cand_canvas, flat_sprite_p, layer_p, cand_noise, out_size
-        )  # (B·L, K, C, H/f, W/f), (B·L, K, 1, H/f, W/f)
-        rgb = rgb.view(b, n_layers, *rgb.shape[1:])  # (B, L, K, C, H/f, W/f)
-        alpha = alpha.view(b, n_layers, *alpha.shape[1:])  # (B, L, K, 1, H/f, W/f)
+        )  # (B·L·O, k_r, C, H/f, W/f), (B·L·O, k_r, 1, H/f, W/f)
+        rgb = rgb.view(b, n_layers, n_off * k_r, *rgb.shape[2:])  # (B, L, O·k_r, C, H/f, W/f)
+        alpha = alpha.view(b, n_layers, n_off * k_r, *alpha.shape[2:])  # (B, L, O·k_r, 1, …)
         backgrounds = self._render_backgrounds(b, bg_p)  # (B, M, C, H, W)
         if f > 1:
             image = F.avg_pool2d(image, f)  # (B, C, H/f, W/f)
@@ -579,14 +661,23 @@ class DTISprites(nn.Module):
                 *backgrounds.shape[:3], *image.shape[2:]
             )  # (B, M, C, H/f, W/f)
         penalty = self.candidate_penalty().to(image.dtype)
-        if turns > 1:  # each sprite's cost for each of its orientations, then the empty one's
-            penalty = torch.cat([penalty[:k0].repeat_interleave(turns), penalty[k0:]])
+        # each sprite's cost for each of its orientations (and placements), then the empty one's
+        drawn = penalty[:k0].repeat_interleave(turns)[:k_r].repeat(n_off)  # (O·k_r,)
+        penalty = torch.cat([drawn, penalty[k0:]])
         if n_layers == 1:
             choice, bg_choice = exhaustive_select(
                 image, rgb[:, 0], alpha[:, 0], backgrounds, penalty
             )
-            return choice[:, None], bg_choice
-        return self._greedy(image, rgb, alpha, backgrounds, occ, self.greedy_passes, penalty)
+            choice = choice[:, None]
+        else:
+            choice, bg_choice = self._greedy(
+                image, rgb, alpha, backgrounds, occ, self.greedy_passes, penalty
+            )
+        if offsets is None:
+            return choice, bg_choice, None
+        empty = choice >= n_off * k_r
+        moved = torch.where(empty, 0, choice.div(k_r, rounding_mode="floor"))  # (B, L)
+        return torch.where(empty, k, choice % k_r), bg_choice, moved
 
     def forward(self, image: Tensor) -> Decomposition:
         """Decompose a batch (B, C, H, W) in [0, 1]."""
@@ -609,10 +700,19 @@ class DTISprites(nn.Module):
         if noisy:  # one map per sprite, shared by the batch and the layers
             size = (len(canvases), 1, self.image_size, self.image_size)
             noise = image.new_empty(size).uniform_(-self.mask_noise, self.mask_noise)
+        offsets = self.placement_offsets().to(image) if self._searching(layer_p) else None
         with torch.no_grad():
-            choice, bg_choice = self._select(
-                image, canvases, noise, layer_p, sprite_p, bg_p, occ, turns
+            choice, bg_choice, moved = self._select(
+                image, canvases, noise, layer_p, sprite_p, bg_p, occ, turns, offsets
             )
+        placement = None
+        if moved is not None:  # draw each layer where the search put it; pull the prediction
+            ip = self._position_index()
+            predicted = layer_p[ip]  # (B·L, 3)
+            drawn = PositionTransform.shifted(predicted, offsets[moved.flatten()])
+            gap = (predicted[:, 1:] - drawn[:, 1:].detach()).pow(2).sum(1)  # (B·L,)
+            placement = self.placement_weight * gap.mean()
+            layer_p = [drawn if i == ip else p for i, p in enumerate(layer_p)]
         # With orientations, choice = sprite · R + orientation (K0·R: empty); candidate_index
         # picks the composed parameters, choice becomes the sprite (K0: empty).
         candidate_index = choice.flatten()  # (B·L,)
@@ -653,6 +753,7 @@ class DTISprites(nn.Module):
             background_choice=bg_choice,
             mse=mse,
             params=params,
+            placement=placement,
         )
 
     def _selected_params(self, layer_p, sprite_p, bg_p, bg_choice, b) -> dict[str, Tensor]:

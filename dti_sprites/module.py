@@ -158,17 +158,21 @@ class DTISpritesModule(L.LightningModule):
         return self.model(image)
 
     def objective(self, out: Decomposition) -> dict[str, Tensor]:
-        """Loss terms of a batch: ``mse`` (the loss) and, where λ can change a choice (an empty
-        sprite to choose, sprites not frozen), ``penalty`` and the sum ``objective``.
+        """Loss terms of a batch: ``mse`` (the loss), ``placement`` when the placement search
+        ran (added to the loss), and, where λ can change a choice (an empty sprite to choose,
+        sprites not frozen), ``penalty`` and the sum ``objective``.
 
         Without an empty sprite every candidate pays λ alike, so the penalty is no term of the
         objective and is not logged; while sprites are frozen it is off (logged as 0).
         """
         mse = out.mse.mean()
+        terms = {"mse": mse}
+        if out.placement is not None:
+            terms["placement"] = out.placement
         if not self.model.sprites.empty_sprite:
-            return {"mse": mse}
+            return terms
         penalty = self.model.active_penalty * out.n_nonempty.to(mse.dtype).mean()
-        return {"mse": mse, "penalty": penalty, "objective": mse + penalty.detach()}
+        return {**terms, "penalty": penalty, "objective": mse + penalty.detach()}
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         out = self.model(batch["image"])
@@ -177,7 +181,7 @@ class DTISpritesModule(L.LightningModule):
         self.log_dict({f"train/{k}": v for k, v in terms.items()}, prog_bar=True, sync_dist=True)
         choice = out.sprite_choice
         self.count_usage(choice)
-        loss = terms["mse"]
+        loss = terms["mse"] + terms.get("placement", 0.0)
         idle = self.model.idle_parameters()
         if idle:
             # Keep every parameter in the graph so that plain DDP (no unused-parameter search)

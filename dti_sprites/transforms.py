@@ -112,6 +112,14 @@ class PositionTransform(AffineFamily):
         zero = torch.zeros_like(s)
         return torch.stack([scale, zero, tx, zero, scale, ty], 1).view(-1, 2, 3)
 
+    @staticmethod
+    def shifted(params: Tensor, offsets: Tensor) -> Tensor:
+        """The parameters (N, 3) that draw the canvas moved by ``offsets`` (N, 2): (x, y) in the
+        image's normalised coordinates (2 / W per pixel). The canvas centre lands at image
+        point −t / scale, so the shift is t − scale · δ; the scale is unchanged."""
+        s, t = params[:, :1], params[:, 1:]  # (N, 1), (N, 2)
+        return torch.cat([s, t - (1 + s.exp()) * offsets], 1)
+
 
 class SimilarityTransform(AffineFamily):
     """θ = [[1+a, −b, tx], [b, 1+a, ty]] (P = 4)."""
