@@ -201,8 +201,9 @@ class DTISprites(nn.Module):
             layer is also a selection candidate drawn at the offsets of a (2r+1)×(2r+1) grid
             around its predicted position (``placement_step`` pixels apart), and the network's
             predicted translation is pulled toward the offset chosen (``placement_weight`` ×
-            the squared distance, in canvas units): non-local moves for layers whose frozen
-            blob is too far from an object for the reconstruction's gradient to reach it.
+            the squared distance, in canvas units; moves end at the image's edge, empty layers
+            are not pulled): non-local moves for layers whose frozen blob is too far from an
+            object for the reconstruction's gradient to reach it.
             Identical frozen sprites are rendered once. Not in the paper: a fast-recipe switch
             (docs/method.md §11), 0 (off) in the paper configs; needs ``position``.
         placement_step: the spacing of the placement search's offsets, in pixels.
@@ -529,13 +530,22 @@ class DTISprites(nn.Module):
             and layer_p[self._position_index()] is not None
         )
 
+    @staticmethod
+    def _moves(position: Tensor, offsets: Tensor) -> Tensor:
+        """The moves (N, O, 2) of layers at ``position`` (N, 3) by ``offsets`` (O, 2), each
+        cut short so that the canvas centre (−t / scale) lands inside the image: a layer that
+        the search moves is never taken out of the picture (nor left outside it)."""
+        scale = 1 + position[:, :1].exp()  # (N, 1)
+        centre = -position[:, None, 1:] / scale[:, None]  # (N, 1, 2)
+        return (centre + offsets).clamp(-1, 1) - centre  # (N, O, 2)
+
     def _moved(self, layer_p: list[Tensor | None], offsets: Tensor) -> list[Tensor | None]:
         """Per-layer parameters (B·L, P) -> per (layer, offset) (B·L·O, P), offset-minor: the
-        position moved by each offset, the others repeated."""
+        position moved by each offset (:meth:`_moves`), the others repeated."""
         n_off, ip = len(offsets), self._position_index()
+        moves = self._moves(layer_p[ip], offsets).flatten(0, 1)  # (B·L·O, 2)
         out = [None if p is None else p.repeat_interleave(n_off, 0) for p in layer_p]
-        rows = len(layer_p[ip])
-        out[ip] = PositionTransform.shifted(out[ip], offsets.repeat(rows, 1))
+        out[ip] = PositionTransform.shifted(out[ip], moves)
         return out
 
     def _canvases(self, noisy: bool) -> Tensor:
@@ -709,7 +719,10 @@ class DTISprites(nn.Module):
         if moved is not None:  # draw each layer where the search put it; pull the prediction
             ip = self._position_index()
             predicted = layer_p[ip]  # (B·L, 3)
-            drawn = PositionTransform.shifted(predicted, offsets[moved.flatten()])
+            rows = torch.arange(len(predicted), device=image.device)
+            move = self._moves(predicted.detach(), offsets)[rows, moved.flatten()]  # (B·L, 2)
+            move = move.masked_fill((choice >= k0 * turns).flatten()[:, None], 0)  # empty: stay
+            drawn = PositionTransform.shifted(predicted, move)
             gap = (predicted[:, 1:] - drawn[:, 1:].detach()).pow(2).sum(1)  # (B·L,)
             placement = self.placement_weight * gap.mean()
             layer_p = [drawn if i == ip else p for i, p in enumerate(layer_p)]
