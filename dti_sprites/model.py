@@ -208,6 +208,10 @@ class DTISprites(nn.Module):
             (docs/method.md §11), 0 (off) in the paper configs; needs ``position``.
         placement_step: the spacing of the placement search's offsets, in pixels.
         placement_weight: the weight of the placement search's distillation loss.
+        placement_fitted_colour: score each placement candidate with its best flat colour
+            (the alpha-weighted mean of the image under it) instead of the layer's predicted
+            colour, so a blob is judged by its place and shape alone; the layer is still drawn
+            in its predicted colour.
     """
 
     def __init__(
@@ -240,6 +244,7 @@ class DTISprites(nn.Module):
         placement_search: NonNegativeInt = 0,
         placement_step: PositiveFloat = 8.0,
         placement_weight: NonNegativeFloat = 1.0,
+        placement_fitted_colour: bool = False,
     ) -> None:
         config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
@@ -281,6 +286,7 @@ class DTISprites(nn.Module):
         self.placement_search = int(placement_search)
         self.placement_step = float(placement_step)
         self.placement_weight = float(placement_weight)
+        self.placement_fitted_colour = bool(placement_fitted_colour)
         self._greedy = greedy_select
         if compile:
             self.encoder.compile()  # in place: the state dict keys stay the same
@@ -664,6 +670,11 @@ class DTISprites(nn.Module):
         )  # (B·L·O, k_r, C, H/f, W/f), (B·L·O, k_r, 1, H/f, W/f)
         rgb = rgb.view(b, n_layers, n_off * k_r, *rgb.shape[2:])  # (B, L, O·k_r, C, H/f, W/f)
         alpha = alpha.view(b, n_layers, n_off * k_r, *alpha.shape[2:])  # (B, L, O·k_r, 1, …)
+        if offsets is not None and self.placement_fitted_colour:
+            target = image if f == 1 else F.avg_pool2d(image, f)  # (B, C, H/f, W/f)
+            weight = alpha.sum((-2, -1)).clamp_min(1e-6)  # (B, L, O·k_r, 1)
+            colour = (alpha * target[:, None, None]).sum((-2, -1)) / weight  # (B, L, O·k_r, C)
+            rgb = colour[..., None, None].expand_as(rgb)  # each candidate in its best flat colour
         backgrounds = self._render_backgrounds(b, bg_p)  # (B, M, C, H, W)
         if f > 1:
             image = F.avg_pool2d(image, f)  # (B, C, H/f, W/f)

@@ -177,3 +177,18 @@ def test_an_empty_layer_is_not_pulled():
     assert out.sprite_choice.tolist() == [[-1]]
     assert out.placement.item() == 0.0
     assert drawn_centre(out.params["layer/position"][0, 0]) == pytest.approx([0, 0])
+
+
+def test_a_fitted_colour_finds_an_object_the_predicted_colour_misses():
+    # A red piece one step right on a mid-grey field: in the layer's predicted light grey the
+    # blob does least harm on the field, away from the piece; in the colour fitted under each
+    # candidate, it fits the piece exactly there.
+    image = torch.full((1, 3, 20, 20), 0.45)
+    piece = PIECE.bool()
+    for channel, value in enumerate((0.9, 0.0, 0.0)):
+        image[0, channel, 5:15, 9:19][piece] = value
+    predicted = frozen_model([PIECE], placement_search=1)(image)
+    fitted = frozen_model([PIECE], placement_search=1, placement_fitted_colour=True)(image)
+    assert drawn_shift(fitted.params["layer/position"][0, 0]) == pytest.approx((4, 0))
+    assert fitted.placement.item() > 0
+    assert drawn_shift(predicted.params["layer/position"][0, 0]) != pytest.approx((4, 0))
