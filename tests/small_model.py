@@ -4,9 +4,11 @@
 the model's own tests. ``SMALL_MODEL``: the small model that the training tests share: 20×20
 images, 3 sprites + empty, 2 layers, one background, predicted occlusion, a similarity per
 sprite and a colour per background. Tests change what they need with
-``{**SMALL_MODEL, key: value}``.
+``{**SMALL_MODEL, key: value}``. ``quiet_trainer``: a CPU Trainer that writes nothing but
+what a test asks for.
 """
 
+import lightning as L
 import torch
 
 from dti_sprites.transforms import GroupedMLP
@@ -99,3 +101,16 @@ def randomise_heads(model):
         if isinstance(module, GroupedMLP):
             module.weights[-1].data.normal_(0, 0.05)
             module.biases[-1].data.normal_(0, 0.05)
+
+
+def quiet_trainer(tmp_path, **kwargs) -> L.Trainer:
+    """One epoch, no logger, progress bar, model summary or checkpoints; ``kwargs`` override."""
+    defaults = dict(
+        default_root_dir=tmp_path,
+        max_epochs=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    return L.Trainer(**{**defaults, **kwargs})

@@ -1,10 +1,10 @@
 import errno
 
 import h5py
-import lightning as L
 import pytest
 import torch
 from small_model import SMALL_MODEL
+from small_model import quiet_trainer as trainer
 
 from dti_sprites.callbacks import PredictionWriter
 from dti_sprites.datamodules.pipeline.hdf5_writer import HDF5Writer
@@ -13,18 +13,6 @@ from dti_sprites.model import DTISprites
 from dti_sprites.module import DTISpritesModule
 
 MODEL = {**SMALL_MODEL, "greedy_passes": 2, "sprite_transforms": [], "background_init": "mean"}
-
-
-def trainer(tmp_path, **kwargs):
-    defaults = dict(
-        default_root_dir=tmp_path,
-        max_epochs=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
-    return L.Trainer(**{**defaults, **kwargs})
 
 
 def test_penalty_is_logged_but_carries_no_gradient():

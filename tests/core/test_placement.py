@@ -5,7 +5,7 @@ and its predicted translation is pulled toward it."""
 import lightning as L
 import pytest
 import torch
-from small_model import SMALL_MODEL
+from small_model import SMALL_MODEL, quiet_trainer
 
 from dti_sprites.model import DTISprites
 from dti_sprites.module import DTISpritesModule
@@ -135,16 +135,7 @@ def test_training_adds_the_pull_to_the_loss(tmp_path, squares):
     model = {**SMALL_MODEL, "sprite_transforms": [], "placement_search": 1}
     module = DTISpritesModule(DTISprites(**model))
     module.model.freeze_sprites(True)
-    t = L.Trainer(
-        default_root_dir=tmp_path,
-        max_steps=1,
-        limit_val_batches=0,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        callbacks=[Record()],
-    )
+    t = quiet_trainer(tmp_path, max_steps=1, limit_val_batches=0, callbacks=[Record()])
     t.fit(module, squares(n=4))
     mse, pull = (float(t.callback_metrics[f"train/{k}"]) for k in ("mse", "placement"))
     assert pull > 0
