@@ -1,13 +1,12 @@
 import json
 
 import h5py
-import lightning as L
 import numpy as np
 import pytest
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
-from small_model import SMALL_MODEL
+from small_model import SMALL_MODEL, quiet_trainer
 from torch.utils.data import DataLoader
 
 from dti_sprites.decompose import main
@@ -34,14 +33,7 @@ def ckpt(tmp_path_factory):
         ],
         batch_size=4,
     )
-    trainer = L.Trainer(
-        default_root_dir=tmp,
-        max_steps=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(tmp, max_steps=1)
     trainer.fit(module, data)
     trainer.save_checkpoint(tmp / "model.ckpt")
     return tmp / "model.ckpt"
