@@ -84,7 +84,8 @@ class CifarResNet(nn.Module):
 class Encoder(nn.Module):
     """Backbone + adaptive average pooling to ``pool``×``pool`` + flatten.
 
-    (B, 3, H, W) -> (B, F) with F = channels · pool² (ResNet-32: 64·pool², ResNet-18: 512·pool²).
+    (B, 3, H, W) -> (B, F) with F = channels · pool² (ResNet-32: 64·pool², ResNet-18: 512·pool²);
+    with ``with_map=True`` also the backbone's feature map (B, channels, h, w) before the pooling.
     No pretrained weights are ever loaded.
     """
 
@@ -101,10 +102,13 @@ class Encoder(nn.Module):
             expected = ", ".join(repr(n) for n in get_args(EncoderName))
             raise ValueError(f"unknown encoder {name!r}; expected one of {expected}")
         self.pool = nn.AdaptiveAvgPool2d(pool)
+        self.channels = channels
         self.out_features = channels * pool * pool
         # NHWC convolutions: about 25% faster on CPU (oneDNN) and the layout GPUs prefer.
         self.to(memory_format=torch.channels_last)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, with_map: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         x = x.contiguous(memory_format=torch.channels_last)
-        return self.pool(self.backbone(x)).flatten(1)  # (B, F)
+        fmap = self.backbone(x)  # (B, channels, h, w)
+        features = self.pool(fmap).flatten(1)  # (B, F)
+        return (features, fmap) if with_map else features

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -25,6 +25,7 @@ from dti_sprites.compose import (
     label_maps,
 )
 from dti_sprites.encoders import Encoder, EncoderName
+from dti_sprites.heatmap import HeatmapPosition
 from dti_sprites.io import atomic_write
 from dti_sprites.sprites import BackgroundInit, Backgrounds, SpriteBank, softclip
 from dti_sprites.transforms import (
@@ -37,6 +38,7 @@ from dti_sprites.transforms import (
 )
 
 ParamSlice = tuple[nn.Parameter, tuple[int | slice, ...]]
+PositionHead = Literal["mlp", "heatmap"]
 
 
 def plain(value: Any) -> Any:
@@ -212,6 +214,13 @@ class DTISprites(nn.Module):
             (the alpha-weighted mean of the image under it) instead of the layer's predicted
             colour, so a blob is judged by its place and shape alone; the layer is still drawn
             in its predicted colour.
+        position_head: how the layers' translations are predicted: ``mlp`` (the paper: each
+            layer's head reads the pooled features) or ``heatmap`` (each layer's canvas centre
+            is the expected location of a heat map over the unpooled feature map, a spatial
+            soft-argmax: :class:`~dti_sprites.heatmap.HeatmapPosition`; the MLP still predicts
+            the scale). Not in the paper: a fast-recipe switch (docs/method.md §11), ``mlp`` in
+            the paper configs; ``heatmap`` needs ``position``.
+        heatmap_gain: the factor on the heat maps' logits (their learning speed under Adam).
     """
 
     def __init__(
@@ -245,6 +254,8 @@ class DTISprites(nn.Module):
         placement_step: PositiveFloat = 8.0,
         placement_weight: NonNegativeFloat = 1.0,
         placement_fitted_colour: bool = False,
+        position_head: PositionHead = "mlp",
+        heatmap_gain: PositiveFloat = 10.0,
     ) -> None:
         config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
@@ -279,6 +290,11 @@ class DTISprites(nn.Module):
         n_pairs = n_layers * (n_layers - 1) // 2
         head = GroupedMLP(1, n_features, n_pairs, hidden) if occlusion == "predicted" else None
         self.occlusion = Occlusion(n_layers, occlusion, head if n_pairs else None)
+        self.heatmap = (
+            HeatmapPosition(n_layers, self.encoder.channels, heatmap_gain)
+            if position_head == "heatmap"
+            else None
+        )
         self.register_buffer("sprites_frozen", torch.tensor(False))
         self.set_orientations(orientations, candidate_sizes)
         self.select_downscale = int(select_downscale)
@@ -331,6 +347,16 @@ class DTISprites(nn.Module):
             raise ValueError(
                 "placement_search > 0 moves the layers' 'position': add it to layer_transforms, "
                 f"got {list(args['layer_transforms'])}"
+            )
+        if args["position_head"] not in get_args(PositionHead):
+            raise ValueError(
+                f"position_head: unknown head {args['position_head']!r}; expected one of "
+                f"{get_args(PositionHead)}"
+            )
+        if args["position_head"] == "heatmap" and "position" not in args["layer_transforms"]:
+            raise ValueError(
+                "position_head='heatmap' places the layers' 'position': add it to "
+                f"layer_transforms, got {list(args['layer_transforms'])}"
             )
         if args["empty_while_frozen"] and not args["empty_sprite"]:
             raise ValueError("empty_while_frozen needs empty_sprite=True")
@@ -399,6 +425,8 @@ class DTISprites(nn.Module):
         if not 0 <= layer < self.n_layers:
             raise ValueError(f"layer {layer} does not exist: the model has {self.n_layers}")
         slices = [s for head in self.layer_transforms.heads for s in head.output_slices(layer)]
+        if self.heatmap is not None:
+            slices += self.heatmap.output_slices(layer)
         for param, index in slices:
             param[index] = 0
         return slices
@@ -704,12 +732,14 @@ class DTISprites(nn.Module):
         """Decompose a batch (B, C, H, W) in [0, 1]."""
         b = len(image)
         n_layers, k0 = self.n_layers, self.sprites.n_sprites
-        features = self.encoder(image)  # (B, F)
+        if self.heatmap is None:
+            features = self.encoder(image)  # (B, F)
+            layer_p = self.layer_transforms.predict(features)  # (B, L, P) each
+        else:
+            features, fmap = self.encoder(image, with_map=True)  # (B, F), (B, C', h', w')
+            layer_p = self._heatmap_positions(self.layer_transforms.predict(features), fmap)
         occ = self.occlusion(features)  # (B, L+1, L+1)
-        layer_p = [
-            None if p is None else p.reshape(b * n_layers, -1)
-            for p in self.layer_transforms.predict(features)
-        ]  # (B·L, P) each
+        layer_p = [None if p is None else p.reshape(b * n_layers, -1) for p in layer_p]  # (B·L, P)
         sprite_p = self.sprite_transforms.predict(features)  # (B, L·K0, P) each
         turns = self._turns(sprite_p)  # R orientations per sprite (1: plain)
         if turns > 1:
@@ -779,6 +809,18 @@ class DTISprites(nn.Module):
             params=params,
             placement=placement,
         )
+
+    def _heatmap_positions(self, layer_p: list[Tensor | None], fmap: Tensor) -> list[Tensor | None]:
+        """The layers' position parameters (B, L, 3) with the translation that puts each canvas
+        centre where its heat map says (the canvas centre lands at −t / scale, so
+        t = −scale · centre); the scale stays the MLP's."""
+        ip = self._position_index()
+        if layer_p[ip] is None:  # position inactive: the initial placement
+            return layer_p
+        s = layer_p[ip][..., :1]  # (B, L, 1)
+        centre = self.heatmap(fmap)  # (B, L, 2)
+        position = torch.cat([s, -(1 + s.exp()) * centre], -1)  # (B, L, 3)
+        return [position if i == ip else p for i, p in enumerate(layer_p)]
 
     def _selected_params(self, layer_p, sprite_p, bg_p, bg_choice, b) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
