@@ -221,6 +221,10 @@ class DTISprites(nn.Module):
             the scale). Not in the paper: a fast-recipe switch (docs/method.md §11), ``mlp`` in
             the paper configs; ``heatmap`` needs ``position``.
         heatmap_gain: the factor on the heat maps' logits (their learning speed under Adam).
+        heatmap_features: the layer's and its sprites' transformation heads also read the
+            layer's glimpse, the features its heat map pools (an object's colour, size and
+            rotation are where it is, not in the image's pooled features). Needs
+            ``position_head='heatmap'``; a fast-recipe switch, off in the paper configs.
     """
 
     def __init__(
@@ -256,6 +260,7 @@ class DTISprites(nn.Module):
         placement_fitted_colour: bool = False,
         position_head: PositionHead = "mlp",
         heatmap_gain: PositiveFloat = 10.0,
+        heatmap_features: bool = False,
     ) -> None:
         config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
@@ -273,11 +278,12 @@ class DTISprites(nn.Module):
         n_features = self.encoder.out_features
         self.sprites = SpriteBank(n_sprites, canvas, mask_std, empty_sprite, sprite_init)
         self.backgrounds = Backgrounds(n_backgrounds, size, background_init, background_value)
+        local = self.encoder.channels if heatmap_features else 0  # F' of the glimpses
         self.layer_transforms = TransformSequence(
-            layer_transforms, n_layers, n_features, canvas, size, hidden
+            layer_transforms, n_layers, n_features, canvas, size, hidden, local
         )
         self.sprite_transforms = TransformSequence(
-            sprite_transforms, n_layers * n_sprites, n_features, canvas, canvas, hidden
+            sprite_transforms, n_layers * n_sprites, n_features, canvas, canvas, hidden, local
         )
         self.background_transforms = TransformSequence(
             background_transforms if n_backgrounds else (),
@@ -303,6 +309,7 @@ class DTISprites(nn.Module):
         self.placement_step = float(placement_step)
         self.placement_weight = float(placement_weight)
         self.placement_fitted_colour = bool(placement_fitted_colour)
+        self.heatmap_features = bool(heatmap_features)
         self._greedy = greedy_select
         if compile:
             self.encoder.compile()  # in place: the state dict keys stay the same
@@ -358,6 +365,8 @@ class DTISprites(nn.Module):
                 "position_head='heatmap' places the layers' 'position': add it to "
                 f"layer_transforms, got {list(args['layer_transforms'])}"
             )
+        if args["heatmap_features"] and args["position_head"] != "heatmap":
+            raise ValueError("heatmap_features needs position_head='heatmap'")
         if args["empty_while_frozen"] and not args["empty_sprite"]:
             raise ValueError("empty_while_frozen needs empty_sprite=True")
         if args["occlusion"] == "predicted" and args["n_layers"] < 2:
@@ -732,15 +741,23 @@ class DTISprites(nn.Module):
         """Decompose a batch (B, C, H, W) in [0, 1]."""
         b = len(image)
         n_layers, k0 = self.n_layers, self.sprites.n_sprites
+        glimpses = None
         if self.heatmap is None:
             features = self.encoder(image)  # (B, F)
             layer_p = self.layer_transforms.predict(features)  # (B, L, P) each
+            sprite_p = self.sprite_transforms.predict(features)  # (B, L·K0, P) each
         else:
             features, fmap = self.encoder(image, with_map=True)  # (B, F), (B, C', h', w')
-            layer_p = self._heatmap_positions(self.layer_transforms.predict(features), fmap)
+            centres, glimpses = self.heatmap(fmap)  # (B, L, 2), (B, L, C')
+            if not self.heatmap_features:
+                glimpses = None  # the heads read the pooled features only
+            layer_p = self._heatmap_positions(
+                self.layer_transforms.predict(features, glimpses), centres
+            )
+            sprite_glimpses = None if glimpses is None else glimpses.repeat_interleave(k0, 1)
+            sprite_p = self.sprite_transforms.predict(features, sprite_glimpses)  # (B, L·K0, P)
         occ = self.occlusion(features)  # (B, L+1, L+1)
         layer_p = [None if p is None else p.reshape(b * n_layers, -1) for p in layer_p]  # (B·L, P)
-        sprite_p = self.sprite_transforms.predict(features)  # (B, L·K0, P) each
         turns = self._turns(sprite_p)  # R orientations per sprite (1: plain)
         if turns > 1:
             sprite_p = self._turned_params(sprite_p, turns)  # (B, L·K0·R, P) each
@@ -810,15 +827,16 @@ class DTISprites(nn.Module):
             placement=placement,
         )
 
-    def _heatmap_positions(self, layer_p: list[Tensor | None], fmap: Tensor) -> list[Tensor | None]:
+    def _heatmap_positions(
+        self, layer_p: list[Tensor | None], centre: Tensor
+    ) -> list[Tensor | None]:
         """The layers' position parameters (B, L, 3) with the translation that puts each canvas
-        centre where its heat map says (the canvas centre lands at −t / scale, so
-        t = −scale · centre); the scale stays the MLP's."""
+        centre at ``centre`` (B, L, 2), where its heat map says (the canvas centre lands at
+        −t / scale, so t = −scale · centre); the scale stays the MLP's."""
         ip = self._position_index()
         if layer_p[ip] is None:  # position inactive: the initial placement
             return layer_p
         s = layer_p[ip][..., :1]  # (B, L, 1)
-        centre = self.heatmap(fmap)  # (B, L, 2)
         position = torch.cat([s, -(1 + s.exp()) * centre], -1)  # (B, L, 3)
         return [position if i == ip else p for i, p in enumerate(layer_p)]
 

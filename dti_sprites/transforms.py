@@ -281,11 +281,25 @@ class GroupedMLP(nn.Module):
     ``forward`` maps features (B, F) to parameters (B, G, P). All groups run as one batched
     matmul: the first weight is stored as (F, G, hidden) so that it is one (F, G·hidden) matrix,
     the others as (G, in, out). ``group_slices(g)`` names the slices of group g (reassignment).
+    With ``local_features`` = F' > 0 each group also reads features of its own, (B, G, F')
+    (``forward(features, local)``): its first layer sees [features, local[:, g]].
     """
 
-    def __init__(self, n_groups: int, in_features: int, out_features: int, hidden: int = 128):
+    def __init__(
+        self,
+        n_groups: int,
+        in_features: int,
+        out_features: int,
+        hidden: int = 128,
+        local_features: int = 0,
+    ):
         super().__init__()
-        dims = [in_features, hidden, hidden, out_features]
+        self.local_weight: nn.Parameter | None = None
+        if local_features:  # the first layer's fan-in is then F + F'
+            bound = 1 / math.sqrt(in_features + local_features)
+            w = torch.empty(n_groups, local_features, hidden).uniform_(-bound, bound)
+            self.local_weight = nn.Parameter(w)
+        dims = [in_features + local_features, hidden, hidden, out_features]
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
         for i, (fan_in, fan_out) in enumerate(itertools.pairwise(dims)):
@@ -297,7 +311,7 @@ class GroupedMLP(nn.Module):
                 w.uniform_(-bound, bound)
                 b.uniform_(-bound, bound)
             if i == 0:
-                w = w.transpose(0, 1).contiguous()  # (F, G, hidden)
+                w = w[:, :in_features].transpose(0, 1).contiguous()  # (F, G, hidden)
             self.weights.append(nn.Parameter(w))
             self.biases.append(nn.Parameter(b))
 
@@ -305,15 +319,21 @@ class GroupedMLP(nn.Module):
         """(parameter, index) of every slice that belongs to group g."""
         slices = [(self.weights[0], (slice(None), g))]
         slices += [(w, (g,)) for w in self.weights[1:]]
+        if self.local_weight is not None:
+            slices.append((self.local_weight, (g,)))
         return slices + [(b, (g,)) for b in self.biases]
 
     def output_slices(self, g: int) -> list[tuple[nn.Parameter, tuple[int | slice, ...]]]:
         """(parameter, index) of group g's output layer: zeroed, the group predicts zeros."""
         return [(self.weights[-1], (g,)), (self.biases[-1], (g,))]
 
-    def forward(self, features: Tensor) -> Tensor:
+    def forward(self, features: Tensor, local: Tensor | None = None) -> Tensor:
         f, g, h = self.weights[0].shape
         x = (features @ self.weights[0].view(f, g * h)).view(-1, g, h)  # (B, G, hidden)
+        if self.local_weight is not None:
+            if local is None:
+                raise ValueError("this head reads local features: forward(features, local)")
+            x = x + torch.einsum("bgi,gih->bgh", local, self.local_weight)  # (B, G, hidden)
         x = x + self.biases[0]
         for w, b in zip(self.weights[1:], self.biases[1:], strict=True):
             x = torch.einsum("bgi,gio->bgo", x.relu(), w) + b  # (B, G, out)
@@ -337,6 +357,7 @@ class TransformSequence(nn.Module):
         in_size: tuple[int, int],
         out_size: tuple[int, int],
         hidden: int = 128,
+        local_features: int = 0,
     ) -> None:
         super().__init__()
         self.names = list(names)
@@ -351,7 +372,8 @@ class TransformSequence(nn.Module):
             size = modules[-1].out_size
         self.transforms = nn.ModuleList(modules)
         self.heads = nn.ModuleList(
-            GroupedMLP(n_groups, in_features, t.n_params, hidden) for t in self.transforms
+            GroupedMLP(n_groups, in_features, t.n_params, hidden, local_features)
+            for t in self.transforms
         )
         self.register_buffer("n_active", torch.tensor(len(self.names)))
 
@@ -395,10 +417,13 @@ class TransformSequence(nn.Module):
         """Parameters of the heads of inactive modules (they take no part in the output)."""
         return [p for head in self.heads[int(self.n_active) :] for p in head.parameters()]
 
-    def predict(self, features: Tensor) -> list[Tensor | None]:
-        """Parameters per module, (B, G, P) each; None for an inactive module."""
+    def predict(self, features: Tensor, local: Tensor | None = None) -> list[Tensor | None]:
+        """Parameters per module, (B, G, P) each; None for an inactive module. ``local``
+        (B, G, F'): each group's own features, for heads built with ``local_features``."""
         n_active = int(self.n_active)
-        return [head(features) if i < n_active else None for i, head in enumerate(self.heads)]
+        return [
+            head(features, local) if i < n_active else None for i, head in enumerate(self.heads)
+        ]
 
     def forward(
         self,

@@ -6,6 +6,7 @@ import torch
 
 from dti_sprites.heatmap import HeatmapPosition
 from dti_sprites.model import DTISprites
+from dti_sprites.transforms import GroupedMLP
 
 SQUARE = torch.zeros(10, 10)
 SQUARE[3:7, 3:7] = 1
@@ -38,7 +39,7 @@ def test_each_layer_is_centred_on_the_cell_its_heat_picks():
     with torch.no_grad():
         head.conv.weight[0, 0] = 5  # layer 0 follows channel 0, layer 1 channel 1
         head.conv.weight[1, 1] = 5
-    centres = head(fmap)[0]  # cell (row i, column j) is centred at ((2j+1)/4 − 1, (2i+1)/4 − 1)
+    centres = head(fmap)[0][0]  # cell (row i, column j) is centred at ((2j+1)/4 − 1, (2i+1)/4 − 1)
     torch.testing.assert_close(
         centres, torch.tensor([[0.25, -0.25], [-0.75, 0.75]]), atol=1e-6, rtol=0
     )
@@ -76,7 +77,7 @@ def test_training_the_heat_map_moves_the_layer_onto_the_object():
         model(image).mse.mean().backward()
         optimizer.step()
     with torch.no_grad():
-        centre = model.heatmap(model.encoder(image, with_map=True)[1])[0, 0]
+        centre = model.heatmap(model.encoder(image, with_map=True)[1])[0][0, 0]
         mse = model(image).mse.item()
     # the object's centre, pixel (11.5, 7.5), is (0.2, −0.2); 0.05 is half a pixel
     torch.testing.assert_close(centre, torch.tensor([0.2, -0.2]), atol=0.05, rtol=0)
@@ -113,3 +114,46 @@ def test_a_heatmap_needs_the_position_transformation_and_a_known_name():
         )
     with pytest.raises(ValueError, match="position_head: unknown head 'conv'"):
         DTISprites(position_head="conv")  # type: ignore[arg-type]
+
+
+def test_a_glimpse_is_the_features_where_the_heat_is():
+    head = HeatmapPosition(n_layers=1, channels=3)
+    fmap = torch.rand(2, 3, 4, 4)
+    with torch.no_grad():
+        head.conv.weight[0, -2] = 10  # heat in the last column, any row: its mean features
+        head.conv.weight[0, -1] = 10  # and the last row: the corner cell (3, 3)
+    glimpse = head(fmap)[1]  # (B, L, C)
+    torch.testing.assert_close(glimpse[:, 0], fmap[:, :, 3, 3], atol=1e-4, rtol=0)
+
+
+def test_a_grouped_head_reads_its_own_groups_local_features_only():
+    torch.manual_seed(0)
+    mlp = GroupedMLP(n_groups=3, in_features=4, out_features=2, hidden=5, local_features=6)
+    with torch.no_grad():
+        mlp.weights[-1].normal_()  # the last layer starts at zero: make the output depend
+    features, local = torch.rand(2, 4), torch.rand(2, 3, 6)
+    changed = local.clone()
+    changed[:, 1] += 1  # group 1's own features
+    out, out_changed = mlp(features, local), mlp(features, changed)
+    assert (out_changed[:, 1] - out[:, 1]).abs().max() > 1e-3
+    torch.testing.assert_close(out_changed[:, [0, 2]], out[:, [0, 2]])
+    assert any(param is mlp.local_weight for param, _ in mlp.group_slices(1))
+    with pytest.raises(ValueError, match="reads local features"):
+        mlp(features)
+
+
+def test_with_glimpses_identical_layer_heads_predict_for_what_each_layer_sees():
+    model = model_with([SQUARE], n_layers=2, heatmap_features=True).eval()
+    head = model.layer_transforms.heads[0]  # colour
+    with torch.no_grad():
+        for param, index in head.group_slices(1):  # layer 1's colour head := layer 0's
+            param[index] = param[(slice(None), 0) if index[0] == slice(None) else (0,)]
+        head.weights[-1].normal_()
+        model.heatmap.conv.weight[0, -2] = 10  # layer 0 looks right, layer 1 left
+        model.heatmap.conv.weight[1, -2] = -10
+        image = torch.zeros(1, 3, 20, 20)
+        image[0, :, :, 14:] = 1  # something on the right only
+        colour = model(image).params["layer/color"][0]  # (L, 3)
+    assert (colour[0] - colour[1]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="heatmap_features needs position_head='heatmap'"):
+        DTISprites(heatmap_features=True)
