@@ -11,6 +11,7 @@ what a test asks for.
 import lightning as L
 import torch
 
+from dti_sprites.heatmap import HeatmapPosition
 from dti_sprites.transforms import GroupedMLP
 
 SMALL_MODEL = dict(
@@ -62,6 +63,22 @@ CONFIGS = {
         greedy_passes=3,
         orientations=4,
     ),
+    "multidsprites_heatmap": dict(  # the fast recipe's heat-map positions and glimpses
+        image_size=16,
+        n_sprites=3,
+        n_layers=3,
+        n_backgrounds=1,
+        sprite_size=10,
+        mask_std=3,
+        empty_sprite=True,
+        pool=2,
+        sprite_transforms=["similarity"],
+        background_transforms=["color"],
+        occlusion="predicted",
+        greedy_passes=3,
+        position_head="heatmap",
+        heatmap_features=True,
+    ),
     "clevr6": dict(
         image_size=16,
         n_sprites=3,
@@ -101,6 +118,8 @@ def randomise_heads(model):
         if isinstance(module, GroupedMLP):
             module.weights[-1].data.normal_(0, 0.05)
             module.biases[-1].data.normal_(0, 0.05)
+        if isinstance(module, HeatmapPosition):
+            module.conv.weight.data.normal_(0, 0.05)
 
 
 def quiet_trainer(tmp_path, **kwargs) -> L.Trainer:
