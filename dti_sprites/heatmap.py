@@ -37,17 +37,22 @@ class HeatmapPosition(nn.Module):
         self.gain = float(gain)
 
     def heat(self, fmap: Tensor) -> Tensor:
-        """The maps' probabilities (B, L, h, w), each summing to 1."""
+        """The maps' probabilities (B, L, h, w), each summing to 1. In float32 under autocast:
+        a place is a precise quantity (bf16's 8 bits would move a layer by tenths of a pixel)."""
         b, _, h, w = fmap.shape
-        grid = pixel_grid((h, w), fmap).permute(2, 0, 1).expand(b, 2, h, w)  # (B, 2, h, w)
-        logits = self.gain * self.conv(torch.cat([fmap, grid.to(fmap.dtype)], 1))  # (B, L, h, w)
-        return logits.flatten(2).softmax(-1).view_as(logits)
+        with torch.autocast(fmap.device.type, enabled=False):
+            fmap = fmap.float()
+            grid = pixel_grid((h, w), fmap).permute(2, 0, 1).expand(b, 2, h, w)  # (B, 2, h, w)
+            logits = self.gain * self.conv(torch.cat([fmap, grid], 1))  # (B, L, h, w)
+            return logits.flatten(2).softmax(-1).view_as(logits)
 
     def forward(self, fmap: Tensor) -> tuple[Tensor, Tensor]:
         h, w = fmap.shape[-2:]
-        p = self.heat(fmap).flatten(2)  # (B, L, h·w)
-        centres = p @ pixel_grid((h, w), p).reshape(h * w, 2)  # (B, L, 2)
-        glimpses = p @ fmap.flatten(2).transpose(1, 2)  # (B, L, h·w) @ (B, h·w, C) -> (B, L, C)
+        with torch.autocast(fmap.device.type, enabled=False):  # float32, as the heat
+            fmap = fmap.float()
+            p = self.heat(fmap).flatten(2)  # (B, L, h·w)
+            centres = p @ pixel_grid((h, w), p).reshape(h * w, 2)  # (B, L, 2)
+            glimpses = p @ fmap.flatten(2).transpose(1, 2)  # (B, L, h·w) @ (B, h·w, C) -> (B, L, C)
         return centres, glimpses
 
     def output_slices(self, layer: int) -> list[tuple[nn.Parameter, tuple[int | slice, ...]]]:

@@ -118,8 +118,8 @@ def randomise_heads(model):
         if isinstance(module, GroupedMLP):
             module.weights[-1].data.normal_(0, 0.05)
             module.biases[-1].data.normal_(0, 0.05)
-        if isinstance(module, HeatmapPosition):
-            module.conv.weight.data.normal_(0, 0.05)
+        if isinstance(module, HeatmapPosition):  # soft heat maps: logits of std about 1 here
+            module.conv.weight.data.normal_(0, 0.005)
 
 
 def quiet_trainer(tmp_path, **kwargs) -> L.Trainer:
