@@ -28,7 +28,9 @@ its pixels in the instance map (docs/method.md §9). It prints:
 ``--orientations N`` decomposes with every sprite tried at N orientations (docs/method.md §11)
 whatever the model was trained with: if the scores jump, the sprites are right and the predicted
 rotations are what is missing. ``--sizes S …`` does the same with candidate sizes (``--sizes``
-alone: none). The summary also gives the *size purity*: the purity of the sprites against the
+alone: none). ``--placement R STEP`` draws every layer at the best offset of a (2R+1)² grid
+STEP pixels apart around its predicted position: if the scores jump, placement is what is
+missing. The summary also gives the *size purity*: the purity of the sprites against the
 object's scale tercile (0.5-1 in three bins) instead of its shape; when it is above the shape
 purity, a layer's choice of sprite stands for the size of its object.
 
@@ -242,6 +244,14 @@ def main() -> None:
         help="score with every sprite also tried at these sizes (the model's: default)",
     )
     parser.add_argument(
+        "--placement",
+        type=float,
+        nargs=2,
+        metavar=("RADIUS", "STEP"),
+        help="draw every layer at the best offset of a (2R+1)² grid STEP pixels apart around "
+        "its predicted position (DTISprites.set_placement_search)",
+    )
+    parser.add_argument(
         "--frozen",
         action="store_true",
         help="decompose as in the frozen phase (no empty sprite): a checkpoint saved at the end "
@@ -257,6 +267,8 @@ def main() -> None:
     if args.orientations is not None or args.sizes is not None:  # an inference-time search
         orientations = model.orientations if args.orientations is None else args.orientations
         model.set_orientations(orientations, args.sizes)
+    if args.placement is not None:
+        model.set_placement_search(int(args.placement[0]), args.placement[1])
     rows, scores = probe(model, args.data, args.first, args.count, args.batch_size)
     summary = [*scores.items(), *summarise(rows, model.sprites.n_sprites, args.min_pixels)]
     for name, value in summary:

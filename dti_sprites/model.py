@@ -309,6 +309,7 @@ class DTISprites(nn.Module):
         self.placement_step = float(placement_step)
         self.placement_weight = float(placement_weight)
         self.placement_fitted_colour = bool(placement_fitted_colour)
+        self.placement_at_inference = False  # set_placement_search: a search in eval mode too
         self.heatmap_features = bool(heatmap_features)
         self._greedy = greedy_select
         if compile:
@@ -522,6 +523,20 @@ class DTISprites(nn.Module):
         self.orientations = int(orientations)
         self.candidate_sizes = tuple(float(size) for size in sizes)
 
+    def set_placement_search(self, radius: int, step: float) -> None:
+        """Run the placement search (``placement_search`` = ``radius``, ``placement_step`` =
+        ``step`` pixels) in eval mode from now on, whatever the sprites' freeze: every layer
+        is drawn at the best offset of the grid around its predicted position, e.g. a fine
+        grid at inference to see what a more precise placement would give; 0 switches it off.
+        In training the search still runs only while the sprites are frozen."""
+        if radius < 0 or step <= 0:
+            raise ValueError(f"need radius >= 0 and step > 0, got {radius} and {step}")
+        if radius > 0 and "position" not in self.layer_transforms.names:
+            raise ValueError("the placement search moves the layers' 'position', absent here")
+        self.placement_search = int(radius)
+        self.placement_step = float(step)
+        self.placement_at_inference = radius > 0
+
     def _turns(self, sprite_p: list[Tensor | None]) -> int:
         """R, the poses (orientations × sizes) per sprite this forward: 1 unless
         ``orientations`` > 1 or ``candidate_sizes`` and the transformation that takes the poses
@@ -564,14 +579,10 @@ class DTISprites(nn.Module):
         return self.layer_transforms.names.index("position")
 
     def _searching(self, layer_p: list[Tensor | None]) -> bool:
-        """Whether this forward runs the placement search: in training, sprites frozen, the
-        layers' position predicted."""
-        return (
-            self.training
-            and self.placement_search > 0
-            and bool(self.sprites_frozen)
-            and layer_p[self._position_index()] is not None
-        )
+        """Whether this forward runs the placement search: in training while the sprites are
+        frozen, in eval mode after :meth:`set_placement_search`; the layers' position predicted."""
+        when = bool(self.sprites_frozen) if self.training else self.placement_at_inference
+        return when and self.placement_search > 0 and layer_p[self._position_index()] is not None
 
     @staticmethod
     def _moves(position: Tensor, offsets: Tensor) -> Tensor:

@@ -183,3 +183,21 @@ def test_a_fitted_colour_finds_an_object_the_predicted_colour_misses():
     assert drawn_shift(fitted.params["layer/position"][0, 0]) == pytest.approx((4, 0))
     assert fitted.placement.item() > 0
     assert drawn_shift(predicted.params["layer/position"][0, 0]) != pytest.approx((4, 0))
+
+
+def test_set_placement_search_runs_the_search_in_eval_mode_whatever_the_freeze():
+    """A layer predicted one 2-px step left and up of its object: the search set for inference
+    draws it on the object (exact reconstruction); without it, eval mode draws it where
+    predicted."""
+    image = scene((2, 2))
+    model = frozen_model([PIECE]).eval()
+    model.freeze_sprites(False)  # released sprites: the training search would not run
+    assert model(image).mse.item() > 0.01
+    model.set_placement_search(1, 2.0)
+    out = model(image)
+    assert out.mse.item() < 1e-10
+    assert drawn_shift(out.params["layer/position"][0, 0]) == pytest.approx((2, 2))
+    model.set_placement_search(0, 2.0)  # off again
+    assert drawn_shift(model(image).params["layer/position"][0, 0]) == pytest.approx((0, 0))
+    with pytest.raises(ValueError, match="radius >= 0 and step > 0"):
+        model.set_placement_search(1, 0.0)
