@@ -317,6 +317,14 @@ class DTISprites(nn.Module):
             self._greedy = torch.compile(greedy_select, dynamic=False)
 
     @staticmethod
+    def _check_placement(radius: int, layer_transforms: Sequence[str]) -> None:
+        if radius > 0 and "position" not in layer_transforms:
+            raise ValueError(
+                "placement_search > 0 moves the layers' 'position': add it to layer_transforms, "
+                f"got {list(layer_transforms)}"
+            )
+
+    @staticmethod
     def _check(args: dict) -> None:
         """Reject inconsistent hyper-parameters, naming the key."""
         if args["n_sprites"] < 1:
@@ -351,11 +359,7 @@ class DTISprites(nn.Module):
                 f"select_downscale > 1 needs layer_transforms ending with 'position' (then only "
                 f"'color'), got {list(args['layer_transforms'])}"
             )
-        if args["placement_search"] > 0 and "position" not in args["layer_transforms"]:
-            raise ValueError(
-                "placement_search > 0 moves the layers' 'position': add it to layer_transforms, "
-                f"got {list(args['layer_transforms'])}"
-            )
+        DTISprites._check_placement(args["placement_search"], args["layer_transforms"])
         if args["position_head"] not in get_args(PositionHead):
             raise ValueError(
                 f"position_head: unknown head {args['position_head']!r}; expected one of "
@@ -528,11 +532,11 @@ class DTISprites(nn.Module):
         ``step`` pixels) in eval mode from now on, whatever the sprites' freeze: every layer
         is drawn at the best offset of the grid around its predicted position, e.g. a fine
         grid at inference to see what a more precise placement would give; 0 switches it off.
-        In training the search still runs only while the sprites are frozen."""
+        The radius and step hold in training too, where the search runs only while the
+        sprites are frozen."""
         if radius < 0 or step <= 0:
             raise ValueError(f"need radius >= 0 and step > 0, got {radius} and {step}")
-        if radius > 0 and "position" not in self.layer_transforms.names:
-            raise ValueError("the placement search moves the layers' 'position', absent here")
+        self._check_placement(radius, self.layer_transforms.names)
         self.placement_search = int(radius)
         self.placement_step = float(step)
         self.placement_at_inference = radius > 0

@@ -201,3 +201,6 @@ def test_set_placement_search_runs_the_search_in_eval_mode_whatever_the_freeze()
     assert drawn_shift(model(image).params["layer/position"][0, 0]) == pytest.approx((0, 0))
     with pytest.raises(ValueError, match="radius >= 0 and step > 0"):
         model.set_placement_search(1, 0.0)
+    unplaced = DTISprites(image_size=10, sprite_size=10, layer_transforms=["color"])
+    with pytest.raises(ValueError, match="placement_search > 0 moves the layers' 'position'"):
+        unplaced.set_placement_search(1, 2.0)
