@@ -46,6 +46,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
+from bank_oracle import purity as table_purity
 
 from dti_sprites.allocator import keep_freed_memory
 from dti_sprites.metrics import SemanticScores, ari_per_image
@@ -172,16 +173,17 @@ def median(rows: list[dict], key: str) -> float:
 def purity(rows: list[dict], key: str, found_only: bool) -> float:
     """Share of non-empty objects whose sprite's majority ``key`` is theirs: ``shape``, or
     ``tercile`` of the scale range 0.5-1 (whether the choice stands for the object's size)."""
-    counts: dict[tuple[int, int], int] = {}
-    for r in rows:
-        if r["sprite"] < 0 or (found_only and r["iou"] < 0.5):
-            continue
-        value = r["shape"] if key == "shape" else min(int((r["scale"] - 0.5) / (0.5 / 3)), 2)
-        counts[r["sprite"], value] = counts.get((r["sprite"], value), 0) + 1
-    best: dict[int, int] = {}
-    for (sprite, _), n in counts.items():
-        best[sprite] = max(best.get(sprite, 0), n)
-    return sum(best.values()) / max(sum(counts.values()), 1)
+    kept = [r for r in rows if r["sprite"] >= 0 and not (found_only and r["iou"] < 0.5)]
+    if not kept:
+        return 0.0
+    values = [
+        r["shape"] if key == "shape" else min(max(int((r["scale"] - 0.5) / (0.5 / 3)), 0), 2)
+        for r in kept
+    ]
+    sprites = [r["sprite"] for r in kept]
+    table = np.zeros((max(values) + 1, max(sprites) + 1), dtype=np.int64)  # (value, sprite)
+    np.add.at(table, (values, sprites), 1)
+    return table_purity(table)
 
 
 def summarise(rows: list[dict], n_sprites: int, min_pixels: int) -> list[tuple[str, float]]:
