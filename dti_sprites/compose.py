@@ -141,6 +141,37 @@ def greedy_select(
     return sprite_choice, bg_choice
 
 
+def order_search(image: Tensor, rgb: Tensor, alpha: Tensor, occ: Tensor, passes: int = 2) -> Tensor:
+    """Harden the occlusion pair by pair where it explains the image better.
+
+    Coordinate descent over the pairs of sprite layers: each pair (i, j) takes whichever of
+    its current occlusion, i in front and j in front gives the smallest reconstruction error
+    per image, the other pairs fixed (ties keep the current one). The background row and
+    column are left alone.
+
+    image (B, C, H, W), rgb (B, L+1, C, H, W), alpha (B, L+1, 1, H, W), occ (B, L+1, L+1)
+    -> occ (B, L+1, L+1).
+    """
+    occ = occ.clone()
+    batch = torch.arange(len(image), device=image.device)
+
+    def error(o: Tensor) -> Tensor:
+        return (compose(rgb, alpha, o) - image).pow(2).flatten(1).mean(1)  # (B,)
+
+    n = alpha.shape[1]
+    for _ in range(passes):
+        for i in range(1, n):
+            for j in range(i + 1, n):
+                trials = [occ]
+                for front in (0.0, 1.0):  # occ[j, i]: how much j hides i
+                    trial = occ.clone()
+                    trial[:, j, i], trial[:, i, j] = front, 1 - front
+                    trials.append(trial)
+                errors = torch.stack([error(t) for t in trials], 1)  # (B, 3)
+                occ = torch.stack(trials, 1)[batch, errors.argmin(1)]  # first wins ties
+    return occ
+
+
 def label_maps(alpha: Tensor, occ: Tensor) -> Tensor:
     """Front-most visible layer per pixel: 0 = background, l = sprite layer l (1..L).
 

@@ -23,6 +23,7 @@ from dti_sprites.compose import (
     compose,
     greedy_select,
     label_maps,
+    order_search,
 )
 from dti_sprites.encoders import Encoder, EncoderName
 from dti_sprites.heatmap import HeatmapPosition
@@ -225,6 +226,16 @@ class DTISprites(nn.Module):
             layer's glimpse, the features its heat map pools (an object's colour, size and
             rotation are where it is, not in the image's pooled features). Needs
             ``position_head='heatmap'``; a fast-recipe switch, off in the paper configs.
+        pose_refinement: in eval mode, refine the selected layers' transformation parameters
+            by this many Adam steps on the image's reconstruction error
+            (:meth:`set_pose_refinement`): a layer the network draws a pixel off its object
+            slides onto it. Training is unchanged. Not in the paper: an inference-time switch
+            (docs/method.md §11), 0 (off) in the paper configs.
+        pose_refinement_lr: the refinement's Adam learning rate, in parameter units.
+        pose_refinement_rounds: select and refine this many times (each selection with the
+            layers where the last refinement left them).
+        order_search: in eval mode, after each refinement, set each pair of layers' occlusion
+            to whichever order explains the image better (:func:`compose.order_search`).
     """
 
     def __init__(
@@ -261,6 +272,10 @@ class DTISprites(nn.Module):
         position_head: PositionHead = "mlp",
         heatmap_gain: PositiveFloat = 10.0,
         heatmap_features: bool = False,
+        pose_refinement: NonNegativeInt = 0,
+        pose_refinement_lr: PositiveFloat = 0.02,
+        pose_refinement_rounds: PositiveInt = 1,
+        order_search: bool = False,
     ) -> None:
         config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
@@ -310,6 +325,9 @@ class DTISprites(nn.Module):
         self.placement_weight = float(placement_weight)
         self.placement_fitted_colour = bool(placement_fitted_colour)
         self.placement_at_inference = False  # set_placement_search: a search in eval mode too
+        self.set_pose_refinement(
+            pose_refinement, pose_refinement_lr, pose_refinement_rounds, order_search
+        )
         self.heatmap_features = bool(heatmap_features)
         self._greedy = greedy_select
         if compile:
@@ -540,6 +558,85 @@ class DTISprites(nn.Module):
         self.placement_search = int(radius)
         self.placement_step = float(step)
         self.placement_at_inference = radius > 0
+
+    def set_pose_refinement(
+        self, steps: int, lr: float = 0.02, rounds: int = 1, order_search: bool = False
+    ) -> None:
+        """Refine the selection in eval mode from now on (docs/method.md §11).
+
+        After the selection, ``steps`` Adam steps (learning rate ``lr``, in parameter units)
+        on the selected layers', sprites' and background's transformation parameters (pose
+        and colour) at once minimise each image's reconstruction error, the sprites, their
+        choice and the occlusion fixed. The network's prediction is the starting point, so a
+        layer drawn a pixel off its object slides onto it. With ``order_search`` each pair of
+        layers then takes the occlusion order that explains the image better. With
+        ``rounds`` > 1 the selection runs again (the layers where the last round left them,
+        the chosen candidates' sprite parameters refined) and its choice is refined in turn.
+        0 steps and no order search switch it off; training is never refined.
+        """
+        if steps < 0 or lr <= 0 or rounds < 1:
+            raise ValueError(
+                "need pose_refinement >= 0, pose_refinement_lr > 0 and pose_refinement_rounds "
+                f">= 1, got {steps}, {lr} and {rounds}"
+            )
+        self.pose_refinement, self.pose_refinement_lr = int(steps), float(lr)
+        self.pose_refinement_rounds, self.order_search = int(rounds), bool(order_search)
+
+    def _refining(self) -> bool:
+        return (self.pose_refinement > 0 or self.order_search) and not self.training
+
+    def _refine_poses(
+        self,
+        image: Tensor,
+        canvases: Tensor,
+        choice: Tensor,
+        layer_p: list[Tensor | None],
+        sprite_p: list[Tensor | None],
+        bg_p: list[Tensor | None],
+        bg_choice: Tensor,
+        occ: Tensor,
+    ) -> tuple[list[Tensor | None], list[Tensor | None], list[Tensor | None], Tensor]:
+        """:meth:`set_pose_refinement`'s descent and order search. canvases (K, C+2, h, w);
+        choice (B·L,) the selected sprites; layer_p and sprite_p per module (B·L, P); bg_p per
+        module (B, M, P); bg_choice (B,); occ (B, L+1, L+1). Returns the refined parameters
+        (detached, same shapes; in bg_p only the chosen background's row changes) and occ."""
+        b, n_layers = len(image), self.n_layers
+        # Outside inference mode (Lightning's validation runs in it), on clones: tensors made
+        # in inference mode cannot take part in autograd, their clones made outside it can.
+        with torch.inference_mode(False):
+
+            def leaves(params: list[Tensor | None]) -> list[Tensor | None]:
+                return [None if p is None else p.detach().clone().requires_grad_() for p in params]
+
+            layer_p, sprite_p, bg_p = leaves(layer_p), leaves(sprite_p), leaves(bg_p)
+            canvas = canvases[choice][:, None].detach().clone()  # (B·L, 1, C+2, h, w)
+            image, occ, bg_choice = image.clone(), occ.detach().clone(), bg_choice.clone()
+
+            def layers() -> tuple[Tensor, Tensor]:  # (B, L+1, C, H, W), (B, L+1, 1, H, W)
+                rgb, alpha = self._render(canvas, sprite_p, layer_p, None)  # (B·L, 1, ·, H, W)
+                rgb = rgb.view(b, n_layers, *rgb.shape[2:])  # (B, L, C, H, W)
+                alpha = alpha.view(b, n_layers, *alpha.shape[2:])  # (B, L, 1, H, W)
+                background = self._render_backgrounds(b, bg_p, bg_choice)  # (B, 1, C, H, W)
+                ones = torch.ones_like(alpha[:, :1])
+                return torch.cat([background, rgb], 1), torch.cat([ones, alpha], 1)
+
+            found = [p for p in (*layer_p, *sprite_p, *bg_p) if p is not None]
+            optimizer = torch.optim.Adam(found, lr=self.pose_refinement_lr)
+            with torch.enable_grad():
+                for _ in range(self.pose_refinement):
+                    # summed over the batch: each image's parameters get their own gradient
+                    error = (compose(*layers(), occ) - image).pow(2).flatten(1).mean(1)  # (B,)
+                    optimizer.zero_grad(set_to_none=True)
+                    error.sum().backward()
+                    optimizer.step()
+            layer_p, sprite_p, bg_p = (
+                [None if p is None else p.detach() for p in group]
+                for group in (layer_p, sprite_p, bg_p)
+            )
+            if self.order_search:
+                with torch.no_grad():
+                    occ = order_search(image, *layers(), occ)
+        return layer_p, sprite_p, bg_p, occ
 
     def _turns(self, sprite_p: list[Tensor | None]) -> int:
         """R, the poses (orientations × sizes) per sprite this forward: 1 unless
@@ -799,20 +896,20 @@ class DTISprites(nn.Module):
             gap = (predicted[:, 1:] - drawn[:, 1:].detach()).pow(2).sum(1)  # (B·L,)
             placement = self.placement_weight * gap.mean()
             layer_p = [drawn if i == ip else p for i, p in enumerate(layer_p)]
-        # With orientations, choice = sprite · R + orientation (K0·R: empty); candidate_index
-        # picks the composed parameters, choice becomes the sprite (K0: empty).
-        candidate_index = choice.flatten()  # (B·L,)
-        if turns > 1:
-            choice = torch.where(choice >= k0 * turns, k0, choice.div(turns, rounding_mode="floor"))
-
-        # Render only the selected sprites and background, with gradients. (B·L,)
-        flat_choice = choice.flatten()
-        batch = torch.arange(b * n_layers, device=image.device)
-        k = k0 * turns
-        head_index = (batch % n_layers) * k + candidate_index.clamp(max=k - 1)  # (B·L,)
-        picked_sprite_p = [
-            None if p is None else p[batch // n_layers, head_index] for p in sprite_p
-        ]  # (B·L, P) each
+        candidate = choice
+        choice, picked_sprite_p = self._picked(candidate, sprite_p, turns)
+        for round in range(self.pose_refinement_rounds if self._refining() else 0):
+            if round > 0:  # choose again with the layers where the last round left them
+                with torch.no_grad():
+                    candidate, bg_choice, _ = self._select(
+                        image, canvases, noise, layer_p, sprite_p, bg_p, occ, turns
+                    )
+                choice, picked_sprite_p = self._picked(candidate, sprite_p, turns)
+            layer_p, picked_sprite_p, bg_p, occ = self._refine_poses(
+                image, canvases, choice.flatten(), layer_p, picked_sprite_p, bg_p, bg_choice, occ
+            )
+            sprite_p = self._put(sprite_p, candidate, picked_sprite_p, k0 * turns)
+        flat_choice = choice.flatten()  # (B·L,) the sprite (K0: empty)
         sel_rgb, sel_alpha = self._render(
             canvases[flat_choice][:, None],  # (B·L, 1, C+2, h, w)
             picked_sprite_p,
@@ -841,6 +938,38 @@ class DTISprites(nn.Module):
             params=params,
             placement=placement,
         )
+
+    def _picked(
+        self, choice: Tensor, sprite_p: list[Tensor | None], turns: int
+    ) -> tuple[Tensor, list[Tensor | None]]:
+        """The selection's candidates (B, L) -> the sprites (B, L) (K0: empty) and the chosen
+        candidates' sprite parameters (B·L, P) per module. With orientations, a candidate is
+        sprite · R + orientation (K0·R: empty) and picks its composed parameters."""
+        b, n_layers, k0 = len(choice), self.n_layers, self.sprites.n_sprites
+        k = k0 * turns
+        batch = torch.arange(b * n_layers, device=choice.device)
+        head_index = (batch % n_layers) * k + choice.flatten().clamp(max=k - 1)  # (B·L,)
+        picked = [None if p is None else p[batch // n_layers, head_index] for p in sprite_p]
+        if turns > 1:
+            choice = torch.where(choice >= k, k0, choice.div(turns, rounding_mode="floor"))
+        return choice, picked
+
+    @staticmethod
+    def _put(
+        sprite_p: list[Tensor | None], candidate: Tensor, picked: list[Tensor | None], k: int
+    ) -> list[Tensor | None]:
+        """:meth:`_picked` backwards: ``sprite_p`` (B, L·K, P) per module (K candidates per
+        layer) with the chosen candidates' (B, L) rows replaced by ``picked`` (B·L, P)."""
+        b, n_layers = candidate.shape
+        batch = torch.arange(b * n_layers, device=candidate.device)
+        head_index = (batch % n_layers) * k + candidate.flatten().clamp(max=k - 1)  # (B·L,)
+        out: list[Tensor | None] = []
+        for p, new in zip(sprite_p, picked, strict=True):
+            if p is not None:
+                p = p.clone()
+                p[batch // n_layers, head_index] = new
+            out.append(p)
+        return out
 
     def _heatmap_positions(
         self, layer_p: list[Tensor | None], centre: Tensor

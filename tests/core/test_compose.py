@@ -1,7 +1,14 @@
 import pytest
 import torch
 
-from dti_sprites.compose import Occlusion, affine_terms, compose, greedy_select, label_maps
+from dti_sprites.compose import (
+    Occlusion,
+    affine_terms,
+    compose,
+    greedy_select,
+    label_maps,
+    order_search,
+)
 from dti_sprites.model import exhaustive_select
 from dti_sprites.transforms import GroupedMLP
 
@@ -218,3 +225,32 @@ def test_exhaustive_scores_the_empty_sprite_like_a_zero_candidate():
     virtual = exhaustive_select(image, rgb, alpha, backgrounds, penalty)
     assert torch.equal(explicit[0], virtual[0]) and torch.equal(explicit[1], virtual[1])
     assert (virtual[0][:4] == k0).all() and (virtual[1][:4] == 1).all()
+
+
+def test_order_search_puts_the_layer_the_image_shows_in_front():
+    # Three layers on a black 6×6 image: red (0..3) overlaps green (2..5) in rows 2..3;
+    # blue sits apart. The image shows green in front; the occlusion starts undecided (0.5)
+    # for every pair, and red-over-green in image 1.
+    rgb = torch.zeros(2, 4, 3, 6, 6)
+    alpha = torch.zeros(2, 4, 1, 6, 6)
+    alpha[:, 0] = 1  # the black background
+    for layer, channel, rows, cols in ((1, 0, (0, 4), (0, 4)), (2, 1, (2, 6), (2, 6))):
+        rgb[:, layer, channel] = 1
+        alpha[:, layer, 0, rows[0] : rows[1], cols[0] : cols[1]] = 1
+    rgb[:, 3, 2] = 1
+    alpha[:, 3, 0, 0:2, 4:6] = 1
+    occ = Occlusion(3, "fixed")(torch.rand(2, 4)).clone()
+    occ[:, 1:, 1:] = 0.5 * (1 - torch.eye(3))
+    occ[1, 1, 2], occ[1, 2, 1] = 1.0, 0.0  # image 1: red hides green
+    green_front = occ[:1].clone()
+    green_front[0, 2, 1], green_front[0, 1, 2] = 1.0, 0.0
+    image = compose(rgb[:1], alpha[:1], green_front).expand(2, -1, -1, -1)
+    found = order_search(image, rgb, alpha, occ)
+    for b in range(2):
+        assert found[b, 2, 1] == 1 and found[b, 1, 2] == 0  # green hides red
+        torch.testing.assert_close(
+            compose(rgb[b : b + 1], alpha[b : b + 1], found[b : b + 1]), image[:1]
+        )
+    # blue overlaps nobody: every order explains the image alike, so its pairs keep 0.5
+    assert (found[:, 3, 1:3] == 0.5).all() and (found[:, 1:3, 3] == 0.5).all()
+    assert torch.equal(found[:, :, 0], occ[:, :, 0]) and torch.equal(found[:, 0], occ[:, 0])
