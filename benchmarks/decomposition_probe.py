@@ -30,10 +30,12 @@ whatever the model was trained with: if the scores jump, the sprites are right a
 rotations are what is missing. ``--sizes S …`` does the same with candidate sizes (``--sizes``
 alone: none). ``--placement R STEP`` draws every layer at the best offset of a (2R+1)² grid
 STEP pixels apart around its predicted position: if the scores jump, placement is what is
-missing. ``--refine STEPS LR`` refines every chosen layer's pose and colour by gradient descent
-on the reconstruction (DTISprites.set_pose_refinement). The summary also gives the *size purity*: the purity of the sprites against the
-object's scale tercile (0.5-1 in three bins) instead of its shape; when it is above the shape
-purity, a layer's choice of sprite stands for the size of its object.
+missing. ``--refine STEPS LR`` refines every chosen layer's pose and colour by gradient
+descent on the reconstruction (``--refine-rounds N``: select and refine N times;
+``--order-search``: then harden each pair's occlusion; DTISprites.set_pose_refinement). The
+summary also gives the *size purity*: the purity of the sprites against the object's scale
+tercile (0.5-1 in three bins) instead of its shape; when it is above the shape purity, a
+layer's choice of sprite stands for the size of its object.
 
 With ``--out`` it writes ``objects.csv`` (one row per object) and ``summary.csv``.
 """
