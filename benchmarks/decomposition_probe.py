@@ -273,6 +273,13 @@ def main() -> None:
         help="with --refine: harden each pair of layers' occlusion where it explains better",
     )
     parser.add_argument(
+        "--residual-placement",
+        type=float,
+        default=0.0,
+        help="with --refine and --refine-rounds > 1: move empty layers onto residual peaks above "
+        "this value before each new selection",
+    )
+    parser.add_argument(
         "--frozen",
         action="store_true",
         help="decompose as in the frozen phase (no empty sprite): a checkpoint saved at the end "
@@ -292,7 +299,11 @@ def main() -> None:
         model.set_placement_search(int(args.placement[0]), args.placement[1])
     if args.refine is not None:
         model.set_pose_refinement(
-            int(args.refine[0]), args.refine[1], args.refine_rounds, args.order_search
+            int(args.refine[0]),
+            args.refine[1],
+            args.refine_rounds,
+            args.order_search,
+            args.residual_placement,
         )
     rows, scores = probe(model, args.data, args.first, args.count, args.batch_size)
     summary = [*scores.items(), *summarise(rows, model.sprites.n_sprites, args.min_pixels)]

@@ -236,6 +236,9 @@ class DTISprites(nn.Module):
             layers where the last refinement left them).
         order_search: in eval mode, after each refinement, set each pair of layers' occlusion
             to whichever order explains the image better (:func:`compose.order_search`).
+        residual_placement: with t > 0 and rounds > 1, before each new selection every empty
+            layer is moved onto a peak of the residual above t, in the image's colour there
+            (:meth:`set_pose_refinement`): an object that no layer drew can get its own.
     """
 
     def __init__(
@@ -276,6 +279,7 @@ class DTISprites(nn.Module):
         pose_refinement_lr: PositiveFloat = 0.02,
         pose_refinement_rounds: PositiveInt = 1,
         order_search: bool = False,
+        residual_placement: NonNegativeFloat = 0.0,
     ) -> None:
         config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
@@ -326,7 +330,11 @@ class DTISprites(nn.Module):
         self.placement_fitted_colour = bool(placement_fitted_colour)
         self.placement_at_inference = False  # set_placement_search: a search in eval mode too
         self.set_pose_refinement(
-            pose_refinement, pose_refinement_lr, pose_refinement_rounds, order_search
+            pose_refinement,
+            pose_refinement_lr,
+            pose_refinement_rounds,
+            order_search,
+            residual_placement,
         )
         self.heatmap_features = bool(heatmap_features)
         self._greedy = greedy_select
@@ -560,7 +568,12 @@ class DTISprites(nn.Module):
         self.placement_at_inference = radius > 0
 
     def set_pose_refinement(
-        self, steps: int, lr: float = 0.02, rounds: int = 1, order_search: bool = False
+        self,
+        steps: int,
+        lr: float = 0.02,
+        rounds: int = 1,
+        order_search: bool = False,
+        residual_placement: float = 0.0,
     ) -> None:
         """Refine the selection in eval mode from now on (docs/method.md §11).
 
@@ -571,19 +584,73 @@ class DTISprites(nn.Module):
         layer drawn a pixel off its object slides onto it. With ``order_search`` each pair of
         layers then takes the occlusion order that explains the image better. With
         ``rounds`` > 1 the selection runs again (the layers where the last round left them,
-        the chosen candidates' sprite parameters refined) and its choice is refined in turn.
-        0 steps and no order search switch it off; training is never refined.
+        the chosen candidates' sprite parameters refined) and its choice is refined in turn;
+        with ``residual_placement`` t > 0, every layer left empty is first moved onto the
+        largest peak of the residual (the squared error summed over channels, averaged over
+        5×5 pixels) above t, in the image's colour there, one peak per layer, so that the
+        selection can give an object that no layer drew a layer of its own. 0 steps and no
+        order search switch it off; training is never refined.
         """
-        if steps < 0 or lr <= 0 or rounds < 1:
+        if steps < 0 or lr <= 0 or rounds < 1 or residual_placement < 0:
             raise ValueError(
-                "need pose_refinement >= 0, pose_refinement_lr > 0 and pose_refinement_rounds "
-                f">= 1, got {steps}, {lr} and {rounds}"
+                "need pose_refinement >= 0, pose_refinement_lr > 0, pose_refinement_rounds >= 1 "
+                f"and residual_placement >= 0, got {steps}, {lr}, {rounds} and "
+                f"{residual_placement}"
             )
+        self.residual_placement = float(residual_placement)
         self.pose_refinement, self.pose_refinement_lr = int(steps), float(lr)
         self.pose_refinement_rounds, self.order_search = int(rounds), bool(order_search)
 
     def _refining(self) -> bool:
         return (self.pose_refinement > 0 or self.order_search) and not self.training
+
+    def _place_on_residual(
+        self, image: Tensor, residual: Tensor, empty: Tensor, layer_p: list[Tensor | None]
+    ) -> list[Tensor | None]:
+        """Move the empty layers (B, L) onto the residual's peaks (:meth:`set_pose_refinement`).
+
+        image (B, C, H, W); residual (B, H, W); layer_p per module (B·L, P). A moved layer
+        keeps its scale; its canvas centre goes to the peak pixel and, with a ``color`` layer
+        transformation, it is drawn flat in the image's colour there (a = −1, b = colour,
+        3×3 mean). Each peak then blanks a disc around it, of radius a tenth of the image size.
+        """
+        b, n_layers = empty.shape
+        size, ip = self.image_size, self._position_index()
+        names = self.layer_transforms.names
+        ic = (
+            names.index("color")
+            if "color" in names and layer_p[names.index("color")] is not None
+            else None
+        )
+        heat = F.avg_pool2d(residual[:, None], 5, 1, 2, count_include_pad=False)[:, 0]  # (B, H, W)
+        colours = F.avg_pool2d(image, 3, 1, 1, count_include_pad=False)  # (B, C, H, W)
+        coords = (torch.arange(size, device=image.device, dtype=image.dtype) * 2 + 1) / size - 1
+        ys, xs = torch.meshgrid(coords, coords, indexing="ij")  # (H, W) each
+        position = layer_p[ip].view(b, n_layers, -1).clone()  # (B, L, 3)
+        colour = None if ic is None else layer_p[ic].view(b, n_layers, -1).clone()  # (B, L, 6)
+        rows = torch.arange(b, device=image.device)
+        for layer in range(n_layers):
+            peak, index = heat.flatten(1).max(1)  # (B,)
+            go = empty[:, layer] & (peak > self.residual_placement)  # (B,)
+            y, x = index.div(size, rounding_mode="floor"), index % size
+            target = torch.stack([coords[x], coords[y]], 1)  # (B, 2)
+            s = position[:, layer, :1]  # (B, 1)
+            centre = -position[:, layer, 1:] / (1 + s.exp())  # (B, 2)
+            moved = PositionTransform.shifted(position[:, layer], target - centre)
+            position[:, layer] = torch.where(go[:, None], moved, position[:, layer])
+            if colour is not None:
+                flat = torch.cat(
+                    [-torch.ones_like(target[:, :1]).expand(-1, 3), colours[rows, :, y, x]], 1
+                )
+                colour[:, layer] = torch.where(go[:, None], flat, colour[:, layer])
+            distance = (xs - target[:, :1, None]).pow(2) + (ys - target[:, 1:, None]).pow(2)
+            near = distance < 0.2**2  # (B, H, W): within a tenth of the image size
+            heat = heat.masked_fill(near & go[:, None, None], 0)  # (B, H, W)
+        out = list(layer_p)
+        out[ip] = position.view(b * n_layers, -1)
+        if colour is not None:
+            out[ic] = colour.view(b * n_layers, -1)
+        return out
 
     def _refine_poses(
         self,
@@ -595,11 +662,12 @@ class DTISprites(nn.Module):
         bg_p: list[Tensor | None],
         bg_choice: Tensor,
         occ: Tensor,
-    ) -> tuple[list[Tensor | None], list[Tensor | None], list[Tensor | None], Tensor]:
+    ) -> tuple[list[Tensor | None], list[Tensor | None], list[Tensor | None], Tensor, Tensor]:
         """:meth:`set_pose_refinement`'s descent and order search. canvases (K, C+2, h, w);
         choice (B·L,) the selected sprites; layer_p and sprite_p per module (B·L, P); bg_p per
         module (B, M, P); bg_choice (B,); occ (B, L+1, L+1). Returns the refined parameters
-        (detached, same shapes; in bg_p only the chosen background's row changes) and occ."""
+        (detached, same shapes; in bg_p only the chosen background's row changes), occ and the
+        squared residual summed over channels (B, H, W)."""
         b, n_layers = len(image), self.n_layers
         # Outside inference mode (Lightning's validation runs in it), on clones: tensors made
         # in inference mode cannot take part in autograd, their clones made outside it can.
@@ -633,10 +701,11 @@ class DTISprites(nn.Module):
                 [None if p is None else p.detach() for p in group]
                 for group in (layer_p, sprite_p, bg_p)
             )
-            if self.order_search:
-                with torch.no_grad():
+            with torch.no_grad():
+                if self.order_search:
                     occ = order_search(image, *layers(), occ)
-        return layer_p, sprite_p, bg_p, occ
+                residual = (compose(*layers(), occ) - image).pow(2).sum(1)  # (B, H, W)
+        return layer_p, sprite_p, bg_p, occ, residual
 
     def _turns(self, sprite_p: list[Tensor | None]) -> int:
         """R, the poses (orientations × sizes) per sprite this forward: 1 unless
@@ -898,14 +967,17 @@ class DTISprites(nn.Module):
             layer_p = [drawn if i == ip else p for i, p in enumerate(layer_p)]
         candidate = choice
         choice, picked_sprite_p = self._picked(candidate, sprite_p, turns)
+        residual = None  # (B, H, W) after a refinement
         for round in range(self.pose_refinement_rounds if self._refining() else 0):
             if round > 0:  # choose again with the layers where the last round left them
+                if self.residual_placement > 0 and residual is not None:
+                    layer_p = self._place_on_residual(image, residual, choice >= k0, layer_p)
                 with torch.no_grad():
                     candidate, bg_choice, _ = self._select(
                         image, canvases, noise, layer_p, sprite_p, bg_p, occ, turns
                     )
                 choice, picked_sprite_p = self._picked(candidate, sprite_p, turns)
-            layer_p, picked_sprite_p, bg_p, occ = self._refine_poses(
+            layer_p, picked_sprite_p, bg_p, occ, residual = self._refine_poses(
                 image, canvases, choice.flatten(), layer_p, picked_sprite_p, bg_p, bg_choice, occ
             )
             sprite_p = self._put(sprite_p, candidate, picked_sprite_p, k0 * turns)

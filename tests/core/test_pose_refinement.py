@@ -13,12 +13,12 @@ SQUARE[2:8, 2:8] = 1
 
 
 def square_model(**switches) -> DTISprites:
-    """One layer drawing a 6×6 grey (0.9) square sprite on a black 20×20 image, at its
-    initial placement (canvas on pixels 5..14, scale 2), no mask noise, in eval mode."""
+    """One layer (unless switched) drawing a 6×6 grey (0.9) square sprite on a black 20×20
+    image, at its initial placement (canvas on pixels 5..14, scale 2), no mask noise, in eval
+    mode."""
     torch.manual_seed(0)
-    model = DTISprites(
-        image_size=20, n_sprites=1, n_layers=1, sprite_size=10, mask_noise=0.0, **switches
-    ).eval()
+    settings = dict(image_size=20, n_sprites=1, n_layers=1, sprite_size=10, mask_noise=0.0)
+    model = DTISprites(**{**settings, **switches}).eval()
     with torch.no_grad():
         model.sprites.mask.copy_(SQUARE[None, None])
     return model
@@ -53,6 +53,20 @@ def test_the_refinement_slides_the_layer_onto_an_object_a_pixel_off():
     )
 
 
+def test_an_empty_layer_is_moved_onto_the_object_no_layer_drew():
+    # Two layers predicted at the same place: the back one draws square A there, the front one
+    # would add nothing and stays empty; square B, 6 px up and left, is drawn by no layer.
+    image = (scene(0, 0) + scene(-6, -6)).clamp(max=0.9)
+    switches = dict(n_layers=2, empty_sprite=True, pose_refinement=60, pose_refinement_lr=0.02)
+    alone = square_model(**switches, pose_refinement_rounds=2)(image)
+    assert alone.sprite_choice.tolist() == [[0, -1]] and alone.mse.item() > 0.05
+    placed = square_model(**switches, pose_refinement_rounds=2, residual_placement=0.05)(image)
+    assert placed.sprite_choice.tolist() == [[0, 0]]
+    assert placed.mse.item() < alone.mse.item() / 20
+    right, down = drawn_centre(placed.params["layer/position"][0, 1])
+    assert right == pytest.approx(-6, abs=0.3) and down == pytest.approx(-6, abs=0.3)
+
+
 def test_training_is_never_refined_and_zero_steps_switch_it_off():
     image = scene(1.3, -0.6)
     model = square_model(pose_refinement=50).train()
@@ -84,3 +98,5 @@ def test_the_switches_travel_with_the_checkpoint(tmp_path):
 def test_bad_refinement_settings_raise(steps, lr, rounds):
     with pytest.raises(ValueError, match="pose_refinement"):
         square_model().set_pose_refinement(steps, lr, rounds)
+    with pytest.raises(ValueError, match="residual_placement"):
+        square_model(residual_placement=-0.1)
