@@ -50,9 +50,9 @@ import h5py
 import numpy as np
 import torch
 from bank_oracle import purity as table_purity
+from score_checkpoint import RangeScores, decompose_range
 
 from dti_sprites.allocator import keep_freed_memory
-from dti_sprites.metrics import SemanticScores, ari_per_image
 from dti_sprites.model import DTISprites
 
 SYMMETRY = {
@@ -99,17 +99,10 @@ def probe(
     """Per-object rows, and the harness's scores (ARI-FG, mIoU, mACC) of the same images."""
     rows: list[dict] = []
     layer_centres: list[np.ndarray] = []
-    ari_fg: list[torch.Tensor] = []
-    semantic = SemanticScores(4, model.sprites.n_sprites + 1)  # background + 3 shapes
+    scores = RangeScores(4, model.sprites.n_sprites + 1)  # background + 3 shapes
     with h5py.File(path, "r") as f:
-        for start in range(first, first + count, batch_size):
-            stop = min(start + batch_size, first + count)
-            image = torch.from_numpy(f["image"][start:stop]).permute(0, 3, 1, 2).float() / 255
-            with torch.no_grad():
-                out = model(image)  # image (B, 3, H, W)
-            target = torch.from_numpy(f["mask"][start:stop]).long()  # (B, H, W)
-            ari_fg.append(ari_per_image(out.instance_fg(image), target, foreground_only=True))
-            semantic.update(out.semantic(), torch.from_numpy(f["semantic"][start:stop]).long())
+        for start, stop, image, out in decompose_range(model, f, first, count, batch_size):
+            scores.update(out, image, f, start, stop)
             instance = out.instance().numpy()  # (B, H, W), 0 = background, l + 1 = layer l
             choice = out.sprite_choice.numpy()  # (B, L)
             angle, scale = similarity_angle_scale(out.params)  # (B, L) each
@@ -159,12 +152,9 @@ def probe(
                             "nearest_centre": float(offsets.min()),
                         }
                     )
-    scores = semantic.compute()
     spread = np.concatenate(layer_centres).std(0)  # (L, 2): over images, per layer and axis
     return rows, {
-        "ARI-FG": float(torch.cat(ari_fg).nanmean()) * 100,
-        "mIoU": float(scores["miou"]) * 100,
-        "mACC": float(scores["macc"]) * 100,
+        **scores.compute(),
         "layer reach (px, std of a layer's centre over images)": float(spread.mean()),
     }
 

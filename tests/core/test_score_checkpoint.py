@@ -42,14 +42,14 @@ def square_model() -> DTISprites:
 def test_a_model_that_draws_the_objects_scores_full_marks_and_a_shift_costs_iou(tmp_path):
     path = square_file(tmp_path / "squares.h5", [0, 0, 3, 3])
     on = scoring.score(square_model(), path, first=0, count=2, batch_size=1)
-    assert on["miou"] == pytest.approx(100) and on["macc"] == pytest.approx(100)
+    assert on["mIoU"] == pytest.approx(100) and on["mACC"] == pytest.approx(100)
     off = scoring.score(square_model(), path, first=2, count=2)
     # drawn 3 px left of the squares: 18 of their 36 pixels right; background 346 of 364
-    assert off["miou"] == pytest.approx(100 * (18 / 54 + 346 / 382) / 2, abs=0.01)
-    assert off["macc"] == pytest.approx(100 * (18 / 36 + 346 / 364) / 2, abs=0.01)
+    assert off["mIoU"] == pytest.approx(100 * (18 / 54 + 346 / 382) / 2, abs=0.01)
+    assert off["mACC"] == pytest.approx(100 * (18 / 36 + 346 / 364) / 2, abs=0.01)
     refined = square_model()
     refined.set_pose_refinement(150, 0.02)
-    assert scoring.score(refined, path, first=2, count=2)["miou"] > off["miou"] + 30
+    assert scoring.score(refined, path, first=2, count=2)["mIoU"] > off["mIoU"] + 30
 
 
 def test_a_range_past_the_file_is_an_error_naming_it(tmp_path):
