@@ -702,9 +702,10 @@ class DTISprites(nn.Module):
                 for group in (layer_p, sprite_p, bg_p)
             )
             with torch.no_grad():
+                all_rgb, all_alpha = layers()
                 if self.order_search:
-                    occ = order_search(image, *layers(), occ)
-                residual = (compose(*layers(), occ) - image).pow(2).sum(1)  # (B, H, W)
+                    occ = order_search(image, all_rgb, all_alpha, occ)
+                residual = (compose(all_rgb, all_alpha, occ) - image).pow(2).sum(1)  # (B, H, W)
         return layer_p, sprite_p, bg_p, occ, residual
 
     def _turns(self, sprite_p: list[Tensor | None]) -> int:
@@ -968,8 +969,8 @@ class DTISprites(nn.Module):
         candidate = choice
         choice, picked_sprite_p = self._picked(candidate, sprite_p, turns)
         residual = None  # (B, H, W) after a refinement
-        for round in range(self.pose_refinement_rounds if self._refining() else 0):
-            if round > 0:  # choose again with the layers where the last round left them
+        for refinement in range(self.pose_refinement_rounds if self._refining() else 0):
+            if refinement > 0:  # choose again with the layers where the last round left them
                 if self.residual_placement > 0 and residual is not None:
                     layer_p = self._place_on_residual(image, residual, choice >= k0, layer_p)
                 with torch.no_grad():
@@ -1017,11 +1018,10 @@ class DTISprites(nn.Module):
         """The selection's candidates (B, L) -> the sprites (B, L) (K0: empty) and the chosen
         candidates' sprite parameters (B·L, P) per module. With orientations, a candidate is
         sprite · R + orientation (K0·R: empty) and picks its composed parameters."""
-        b, n_layers, k0 = len(choice), self.n_layers, self.sprites.n_sprites
+        k0 = self.sprites.n_sprites
         k = k0 * turns
-        batch = torch.arange(b * n_layers, device=choice.device)
-        head_index = (batch % n_layers) * k + choice.flatten().clamp(max=k - 1)  # (B·L,)
-        picked = [None if p is None else p[batch // n_layers, head_index] for p in sprite_p]
+        rows, heads = self._head_index(choice, k)
+        picked = [None if p is None else p[rows, heads] for p in sprite_p]
         if turns > 1:
             choice = torch.where(choice >= k, k0, choice.div(turns, rounding_mode="floor"))
         return choice, picked
@@ -1032,16 +1032,22 @@ class DTISprites(nn.Module):
     ) -> list[Tensor | None]:
         """:meth:`_picked` backwards: ``sprite_p`` (B, L·K, P) per module (K candidates per
         layer) with the chosen candidates' (B, L) rows replaced by ``picked`` (B·L, P)."""
-        b, n_layers = candidate.shape
-        batch = torch.arange(b * n_layers, device=candidate.device)
-        head_index = (batch % n_layers) * k + candidate.flatten().clamp(max=k - 1)  # (B·L,)
+        rows, heads = DTISprites._head_index(candidate, k)
         out: list[Tensor | None] = []
         for p, new in zip(sprite_p, picked, strict=True):
             if p is not None:
                 p = p.clone()
-                p[batch // n_layers, head_index] = new
+                p[rows, heads] = new
             out.append(p)
         return out
+
+    @staticmethod
+    def _head_index(candidate: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """Where the chosen candidates (B, L) of K per layer sit in per-(layer, candidate)
+        parameters (B, L·K, P): image rows (B·L,) and columns (B·L,) (the empty one: K − 1)."""
+        b, n_layers = candidate.shape
+        batch = torch.arange(b * n_layers, device=candidate.device)
+        return batch // n_layers, (batch % n_layers) * k + candidate.flatten().clamp(max=k - 1)
 
     def _heatmap_positions(
         self, layer_p: list[Tensor | None], centre: Tensor
