@@ -2,6 +2,7 @@
 
     dti-sprites-decompose --ckpt CKPT --input FILE.h5|FOLDER --out predictions.h5
         [--png DIR] [--batch-size B] [--device auto|cpu|cuda|cuda:1]
+        [--pose-refinement STEPS] [--pose-refinement-rounds R] [--order-search] ...
 
 Inputs:
 
@@ -17,7 +18,10 @@ Inputs:
 ``sprite_choice`` (N, L) int16 (−1 = empty), plus ``index`` (N,) int64 (row of the input),
 ``source_index`` (N,) int64 for an HDF5 input (the file's ``source_index`` if it has one, else
 the row) and ``path`` (N,) str for a folder input (relative to the folder). Attributes:
-``checkpoint``, ``input``, ``model_config`` (JSON).
+``checkpoint``, ``input``, ``model_config`` (JSON), ``refinement`` (JSON: the refinement at
+evaluation in force, docs/method.md §11; the model's own unless ``--pose-refinement``,
+``--pose-refinement-lr``, ``--pose-refinement-rounds``, ``--order-search`` or
+``--residual-placement`` override it).
 
 With ``--png DIR``, for image i (row i of predictions.h5): ``<i>_layer<l>.png`` (RGBA of layer
 l, transparent where the layer is empty), ``<i>_reconstruction.png`` and ``<i>.json``
@@ -272,7 +276,53 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:N")
+    refine = p.add_argument_group(
+        "refinement at evaluation (docs/method.md §11; default: the model's config)"
+    )
+    refine.add_argument(
+        "--pose-refinement",
+        type=int,
+        metavar="STEPS",
+        help="Adam steps fitting each image's chosen poses and colours to it (0: off)",
+    )
+    refine.add_argument("--pose-refinement-lr", type=float, metavar="LR")
+    refine.add_argument(
+        "--pose-refinement-rounds", type=int, metavar="R", help="select and refine R times"
+    )
+    refine.add_argument(
+        "--order-search",
+        action=argparse.BooleanOptionalAction,
+        help="give each pair of layers the occlusion order that explains the image",
+    )
+    refine.add_argument(
+        "--residual-placement",
+        type=float,
+        metavar="T",
+        help="move empty layers onto residual peaks above T before each new selection",
+    )
     return p
+
+
+# DTISprites' attributes for set_pose_refinement's arguments, in its order
+REFINEMENT = (
+    "pose_refinement",
+    "pose_refinement_lr",
+    "pose_refinement_rounds",
+    "order_search",
+    "residual_placement",
+)
+
+
+def refinement(model: DTISprites, args: argparse.Namespace) -> dict[str, float | int | bool]:
+    """Apply the command line's refinement options over the model's own and return the
+    settings in force (for ``predictions.h5``'s attributes)."""
+    settings = {name: getattr(model, name) for name in REFINEMENT}
+    settings.update({n: getattr(args, n) for n in REFINEMENT if getattr(args, n) is not None})
+    try:
+        model.set_pose_refinement(*settings.values())
+    except ValueError as err:
+        raise DecomposeError(f"refinement options: {err}") from err
+    return settings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -288,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
             "checkpoint": str(args.ckpt),
             "input": str(args.input),
             "model_config": json.dumps(model.config),
+            "refinement": json.dumps(refinement(model, args)),
         }
         n = decompose(model, args.input, args.out, args.png, args.batch_size, attrs)
     except DecomposeError as err:

@@ -185,3 +185,34 @@ def test_errors_name_the_path_and_leave_no_output(tmp_path, ckpt, capsys):
     assert str(folder / "b.png") in run(ckpt, folder)
     with pytest.raises(SystemExit):
         main(["--ckpt", str(ckpt)])  # --input and --out are required
+
+
+def test_refinement_options_override_the_models_and_are_recorded(tmp_path, ckpt, capsys):
+    images = scenes(4, 3)
+    write_h5(tmp_path / "in.h5", images)
+    out = tmp_path / "refined.h5"
+    argv = ["--ckpt", str(ckpt), "--input", str(tmp_path / "in.h5"), "--out", str(out)]
+    flags = ["--pose-refinement", "20", "--pose-refinement-rounds", "2", "--order-search"]
+    assert main([*argv, *flags]) == 0
+    model = DTISprites.from_checkpoint(ckpt)
+    model.set_pose_refinement(20, model.pose_refinement_lr, 2, True)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        refined = model(x).to_arrays(x)
+    with h5py.File(out) as f:
+        settings = json.loads(f.attrs["refinement"])
+        assert settings == {
+            "pose_refinement": 20,
+            "pose_refinement_lr": 0.02,
+            "pose_refinement_rounds": 2,
+            "order_search": True,
+            "residual_placement": 0.0,
+        }
+        assert np.array_equal(f["reconstruction"][:], refined["reconstruction"])
+    plain = tmp_path / "plain.h5"
+    assert main(["--ckpt", str(ckpt), "--input", str(tmp_path / "in.h5"), "--out", str(plain)]) == 0
+    with h5py.File(plain) as f:
+        assert json.loads(f.attrs["refinement"])["pose_refinement"] == 0  # the model's own
+        assert not np.array_equal(f["reconstruction"][:], refined["reconstruction"])
+    assert main([*argv, "--pose-refinement-rounds", "0"]) == 1
+    assert "pose_refinement_rounds" in capsys.readouterr().err
