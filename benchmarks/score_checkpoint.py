@@ -9,8 +9,8 @@ Decomposes records ``first .. first+count`` of an HDF5 file of ``dti-sprites-dat
 over images, the background pixels left out), mIoU and mACC (Hungarian-matched sprites, the
 background included), as ``benchmarks/convergence.py`` scores its held-out and test ranges
 (the same numbers on the same records). ``--refine`` etc. switch on the model's evaluation-time
-refinement (``DTISprites.set_pose_refinement``, docs/method.md §11) whatever its config says;
-without them the model's own settings hold. Any dataset: `decomposition_probe.py` adds the
+refinement (``DTISprites.set_pose_refinement``, docs/method.md §11): each overrides its own
+setting, the others stay the model's (its config's). Any dataset: `decomposition_probe.py` adds the
 object-level diagnosis for Multi-dSprites.
 """
 
@@ -88,15 +88,25 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--refine", type=float, nargs=3, metavar=("STEPS", "LR", "ROUNDS"))
     parser.add_argument("--order-search", action="store_true")
-    parser.add_argument("--residual-placement", type=float, default=0.0)
+    parser.add_argument("--residual-placement", type=float)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = DTISprites.from_checkpoint(args.checkpoint).eval()
-    if args.refine is not None or args.order_search:
-        steps, lr, rounds = args.refine if args.refine is not None else (0, 0.02, 1)
-        model.set_pose_refinement(
-            int(steps), lr, int(rounds), args.order_search, args.residual_placement
-        )
+    # each option overrides its own setting; the others stay the model's
+    steps, lr, rounds = args.refine or (
+        model.pose_refinement,
+        model.pose_refinement_lr,
+        model.pose_refinement_rounds,
+    )
+    model.set_pose_refinement(
+        int(steps),
+        lr,
+        int(rounds),
+        args.order_search or model.order_search,
+        args.residual_placement
+        if args.residual_placement is not None
+        else model.residual_placement,
+    )
     found = score(model, args.data, args.first, args.count)
     print(" ".join(f"{name} {value:.2f}" for name, value in found.items()))
 
