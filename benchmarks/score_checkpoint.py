@@ -93,20 +93,17 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model = DTISprites.from_checkpoint(args.checkpoint).eval()
     # each option overrides its own setting; the others stay the model's
-    steps, lr, rounds = args.refine or (
-        model.pose_refinement,
-        model.pose_refinement_lr,
-        model.pose_refinement_rounds,
-    )
-    model.set_pose_refinement(
-        int(steps),
-        lr,
-        int(rounds),
-        args.order_search or model.order_search,
-        args.residual_placement
-        if args.residual_placement is not None
-        else model.residual_placement,
-    )
+    settings = model.refinement_settings()
+    if args.refine:
+        steps, lr, rounds = args.refine
+        settings.update(
+            pose_refinement=int(steps), pose_refinement_lr=lr, pose_refinement_rounds=int(rounds)
+        )
+    if args.order_search:
+        settings["order_search"] = True
+    if args.residual_placement is not None:
+        settings["residual_placement"] = args.residual_placement
+    model.set_pose_refinement(*settings.values())
     found = score(model, args.data, args.first, args.count)
     print(" ".join(f"{name} {value:.2f}" for name, value in found.items()))
 

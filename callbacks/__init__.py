@@ -15,6 +15,7 @@ from dti_sprites.callbacks.layer_reset import LayerReset
 from dti_sprites.callbacks.predictions import PredictionWriter
 from dti_sprites.callbacks.preemption import Preempted, Preemption
 from dti_sprites.callbacks.reassignment import SpriteReassignment
+from dti_sprites.callbacks.refinement import ValidationRefinement
 from dti_sprites.callbacks.run_dir import run_dir
 from dti_sprites.callbacks.seeding import SpriteSeeding
 
@@ -31,6 +32,7 @@ __all__ = [
     "SpriteFreeze",
     "SpriteReassignment",
     "SpriteSeeding",
+    "ValidationRefinement",
     "event_log",
     "run_dir",
 ]

@@ -303,21 +303,11 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-# DTISprites' attributes for set_pose_refinement's arguments, in its order
-REFINEMENT = (
-    "pose_refinement",
-    "pose_refinement_lr",
-    "pose_refinement_rounds",
-    "order_search",
-    "residual_placement",
-)
-
-
 def refinement(model: DTISprites, args: argparse.Namespace) -> dict[str, float | int | bool]:
     """Apply the command line's refinement options over the model's own and return the
     settings in force (for ``predictions.h5``'s attributes)."""
-    settings = {name: getattr(model, name) for name in REFINEMENT}
-    settings.update({n: getattr(args, n) for n in REFINEMENT if getattr(args, n) is not None})
+    settings = model.refinement_settings()
+    settings.update({n: getattr(args, n) for n in settings if getattr(args, n) is not None})
     try:
         model.set_pose_refinement(*settings.values())
     except ValueError as err:

@@ -601,6 +601,18 @@ class DTISprites(nn.Module):
         self.pose_refinement, self.pose_refinement_lr = int(steps), float(lr)
         self.pose_refinement_rounds, self.order_search = int(rounds), bool(order_search)
 
+    def refinement_settings(self) -> dict[str, int | float | bool]:
+        """The refinement in force, by its init arguments' names, in
+        :meth:`set_pose_refinement`'s order (``set_pose_refinement(*settings.values())``
+        restores it)."""
+        return {
+            "pose_refinement": self.pose_refinement,
+            "pose_refinement_lr": self.pose_refinement_lr,
+            "pose_refinement_rounds": self.pose_refinement_rounds,
+            "order_search": self.order_search,
+            "residual_placement": self.residual_placement,
+        }
+
     def _refining(self) -> bool:
         return (self.pose_refinement > 0 or self.order_search) and not self.training
 

@@ -8,6 +8,7 @@ from dti_sprites.callbacks import (
     LayerReset,
     SpriteFreeze,
     SpriteReassignment,
+    ValidationRefinement,
 )
 from dti_sprites.model import DTISprites
 from dti_sprites.module import DTISpritesModule
@@ -221,3 +222,75 @@ def test_layer_reset_leaves_live_layers_and_stops_after_until(tmp_path, squares)
     late = LayerReset(every_n_steps=2, until=1)
     fit(tmp_path, squares, [ShrinkLayer(), late], epochs=1, lr=1e-9, empty_sprite=False)
     assert late.events == []
+
+
+class RefinementProbe(L.Callback):
+    """Records the refinement the model would run, at every validation, test and train step."""
+
+    def __init__(self):
+        self.validations, self.tests, self.training = [], [], []
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if batch_idx == 0 and dataloader_idx == 0:
+            model = pl_module.model
+            self.validations.append((trainer.global_step, model._refining(), model.order_search))
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if batch_idx == 0 and dataloader_idx == 0:
+            self.tests.append(pl_module.model.refinement_settings())
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.training.append(pl_module.model.refinement_settings())
+
+
+def test_validation_refinement_refines_only_from_its_step(tmp_path, squares):
+    """Sanity check and the step-2 validation unrefined, steps 4 and 6 refined; the model's
+    own settings everywhere else (training, test, the checkpoint's model after fit)."""
+    torch.manual_seed(0)
+    own = dict(
+        pose_refinement=3,
+        pose_refinement_lr=0.05,
+        pose_refinement_rounds=2,
+        order_search=True,
+        residual_placement=0.1,
+    )
+    module = DTISpritesModule(DTISprites(**{**MODEL, **own}), lr=1e-2)
+    probe = RefinementProbe()
+    trainer = L.Trainer(
+        default_root_dir=tmp_path,
+        max_steps=6,
+        val_check_interval=2,
+        check_val_every_n_epoch=None,
+        limit_val_batches=1,
+        num_sanity_val_steps=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        callbacks=[ValidationRefinement(from_step=4), probe],
+    )
+    data = squares(n=8)
+    trainer.fit(module, data)
+    assert probe.validations == [(0, False, False), (2, False, False), (4, True, True), (6, True, True)]
+    assert probe.training and all(seen == own for seen in probe.training)
+    assert module.model.refinement_settings() == own
+    trainer.test(module, data, verbose=False)
+    assert probe.tests == [own]
+
+
+def test_validation_refinement_from_zero_changes_nothing(tmp_path, squares):
+    module = DTISpritesModule(DTISprites(**{**MODEL, "pose_refinement": 2}), lr=1e-2)
+    probe = RefinementProbe()
+    trainer = L.Trainer(
+        default_root_dir=tmp_path,
+        max_steps=2,
+        val_check_interval=2,
+        check_val_every_n_epoch=None,
+        limit_val_batches=1,
+        num_sanity_val_steps=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        callbacks=[ValidationRefinement(), probe],
+    )
+    trainer.fit(module, squares(n=8))
+    assert probe.validations == [(0, True, False), (2, True, False)]
