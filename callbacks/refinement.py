@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
+
 import lightning as L
 from jsonargparse.typing import NonNegativeInt
 
@@ -25,16 +27,11 @@ class ValidationRefinement(L.Callback):
 
     def __init__(self, from_step: NonNegativeInt = 0) -> None:
         self.from_step = int(from_step)
-        self.held: dict[str, int | float | bool] | None = None  # the model's own, while off
+        self.unrefined = ExitStack()  # holds the model's unrefined() during a validation
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.global_step >= self.from_step:
-            return
-        model = pl_module.model
-        self.held = model.refinement_settings()
-        model.set_pose_refinement(0, self.held["pose_refinement_lr"], 1, False, 0.0)
+        if trainer.global_step < self.from_step:
+            self.unrefined.enter_context(pl_module.model.unrefined())
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.held is not None:
-            pl_module.model.set_pose_refinement(*self.held.values())
-            self.held = None
+        self.unrefined.close()  # the model's own settings back

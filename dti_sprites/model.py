@@ -6,7 +6,8 @@ C = 3 channels, H×W image, h×w sprite canvas, F encoder features, P transforma
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -612,6 +613,17 @@ class DTISprites(nn.Module):
             "order_search": self.order_search,
             "residual_placement": self.residual_placement,
         }
+
+    @contextmanager
+    def unrefined(self) -> Iterator[None]:
+        """Inside, eval mode gives the network's own selection, unrefined (training's view, e.g.
+        the seeding's crops); the refinement settings are put back on leaving."""
+        held = self.refinement_settings()
+        self.set_pose_refinement(0, self.pose_refinement_lr, 1, False, 0.0)
+        try:
+            yield
+        finally:
+            self.set_pose_refinement(*held.values())
 
     def _refining(self) -> bool:
         return (self.pose_refinement > 0 or self.order_search) and not self.training

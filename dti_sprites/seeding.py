@@ -31,7 +31,8 @@ def layer_supports(
     model: DTISprites, image: Tensor, background_tolerance: float | None = None
 ) -> tuple[Tensor, Decomposition]:
     """The pixels each layer explains: its support (B, L, H, W) in {0, 1}, and the
-    decomposition it comes from (the model in evaluation mode: no mask noise).
+    decomposition it comes from (the model in evaluation mode: no mask noise; never refined,
+    :meth:`DTISprites.unrefined`, since the seeding is part of training).
 
     A layer's support is the pixels that ``instance_fg`` gives it and that its colour explains
     better than the background does. With ``background_tolerance`` τ, its pixels that the
@@ -42,7 +43,8 @@ def layer_supports(
     was_training = model.training
     model.eval()
     try:
-        out = model(image)
+        with model.unrefined():
+            out = model(image)
     finally:
         model.train(was_training)
     labels = out.instance_fg(image)  # (B, H, W) in 1..L

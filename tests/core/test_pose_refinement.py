@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dti_sprites.model import DTISprites
+from dti_sprites.seeding import layer_supports
 from dti_sprites.transforms import PositionTransform, make_transform
 
 SQUARE = torch.zeros(10, 10)
@@ -100,3 +101,18 @@ def test_bad_refinement_settings_raise(steps, lr, rounds):
         square_model().set_pose_refinement(steps, lr, rounds)
     with pytest.raises(ValueError, match="residual_placement"):
         square_model(residual_placement=-0.1)
+
+
+def test_the_seeding_sees_the_unrefined_decomposition():
+    """The seeding is training: its supports come from the network's own selection, whatever
+    the model's refinement at evaluation; the settings are back afterwards."""
+    image = scene(0.6, -0.4)
+    refined_model = square_model(pose_refinement=30, pose_refinement_rounds=2, order_search=True)
+    support, out = layer_supports(refined_model, image)
+    expected_support, expected = layer_supports(square_model(), image)
+    torch.testing.assert_close(support, expected_support)
+    torch.testing.assert_close(out.reconstruction, expected.reconstruction)
+    refined = refined_model(image).reconstruction  # eval mode outside: refined
+    assert (refined - out.reconstruction).abs().max() > 0.05
+    assert refined_model.refinement_settings()["pose_refinement"] == 30
+    assert refined_model.order_search and refined_model.pose_refinement_rounds == 2
