@@ -1,3 +1,5 @@
+import warnings
+
 import lightning as L
 import pytest
 import torch
@@ -5,6 +7,7 @@ from small_model import SMALL_MODEL
 
 from dti_sprites.callbacks import (
     Curriculum,
+    EvalReport,
     LayerReset,
     SpriteFreeze,
     SpriteReassignment,
@@ -294,3 +297,56 @@ def test_validation_refinement_from_zero_changes_nothing(tmp_path, squares):
     )
     trainer.fit(module, squares(n=8))
     assert probe.validations == [(0, True, False), (2, True, False)]
+
+
+@pytest.mark.parametrize("before_report", [True, False])
+def test_validation_refinement_warns_when_listed_before_the_eval_report(
+    tmp_path, squares, before_report
+):
+    refinement, report = ValidationRefinement(from_step=1), EvalReport()
+    callbacks = [refinement, report] if before_report else [report, refinement]
+    trainer = L.Trainer(
+        default_root_dir=tmp_path,
+        max_steps=1,
+        limit_val_batches=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        callbacks=callbacks,
+    )
+    module = DTISpritesModule(DTISprites(**MODEL), lr=1e-2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, squares(n=8))
+    found = [w for w in caught if "listed before EvalReport" in str(w.message)]
+    assert len(found) == (1 if before_report else 0)
+
+
+class StopAt(L.Callback):
+    """Stops the fit at the end of step ``step``, as max_time or early stopping would."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            trainer.should_stop = True
+
+
+def test_validation_refinement_refines_the_validation_of_a_fit_stopped_early(tmp_path, squares):
+    module = DTISpritesModule(DTISprites(**{**MODEL, "pose_refinement": 2}), lr=1e-2)
+    probe = RefinementProbe()
+    trainer = L.Trainer(
+        default_root_dir=tmp_path,
+        max_steps=10,
+        val_check_interval=2,
+        check_val_every_n_epoch=None,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        callbacks=[ValidationRefinement(from_step=10), StopAt(3), probe],
+    )
+    trainer.fit(module, squares(n=8))
+    assert probe.validations == [(2, False, False), (3, True, False)]
