@@ -273,7 +273,12 @@ def test_validation_refinement_refines_only_from_its_step(tmp_path, squares):
     )
     data = squares(n=8)
     trainer.fit(module, data)
-    assert probe.validations == [(0, False, False), (2, False, False), (4, True, True), (6, True, True)]
+    assert probe.validations == [
+        (0, False, False),
+        (2, False, False),
+        (4, True, True),
+        (6, True, True),
+    ]
     assert probe.training and all(seen == own for seen in probe.training)
     assert module.model.refinement_settings() == own
     trainer.test(module, data, verbose=False)
