@@ -30,9 +30,10 @@ whatever the model was trained with: if the scores jump, the sprites are right a
 rotations are what is missing. ``--sizes S …`` does the same with candidate sizes (``--sizes``
 alone: none). ``--placement R STEP`` draws every layer at the best offset of a (2R+1)² grid
 STEP pixels apart around its predicted position: if the scores jump, placement is what is
-missing. ``--refine STEPS LR`` refines every chosen layer's pose and colour by gradient
-descent on the reconstruction (``--refine-rounds N``: select and refine N times;
-``--order-search``: then harden each pair's occlusion; DTISprites.set_pose_refinement). The
+missing. ``--pose-refinement STEPS`` refines every chosen layer's pose and colour by gradient
+descent on the reconstruction (``--pose-refinement-lr``, ``--pose-refinement-rounds``,
+``--order-search``, ``--residual-placement``: ``dti-sprites-decompose``'s options, each left
+out keeping the checkpoint's own setting; DTISprites.set_pose_refinement). The
 summary also gives the *size purity*: the purity of the sprites against the object's scale
 tercile (0.5-1 in three bins) instead of its shape; when it is above the shape purity, a
 layer's choice of sprite stands for the size of its object.
@@ -53,6 +54,7 @@ from bank_oracle import purity as table_purity
 from score_checkpoint import RangeScores, decompose_range
 
 from dti_sprites.allocator import keep_freed_memory
+from dti_sprites.decompose import add_refinement_arguments, apply_refinement
 from dti_sprites.model import DTISprites
 
 SYMMETRY = {
@@ -246,29 +248,7 @@ def main() -> None:
         help="draw every layer at the best offset of a (2R+1)² grid STEP pixels apart around "
         "its predicted position (DTISprites.set_placement_search)",
     )
-    parser.add_argument(
-        "--refine",
-        type=float,
-        nargs=2,
-        metavar=("STEPS", "LR"),
-        help="refine every chosen layer's pose and colour by STEPS Adam steps of learning rate "
-        "LR on the reconstruction (DTISprites.set_pose_refinement)",
-    )
-    parser.add_argument(
-        "--refine-rounds", type=int, default=1, help="with --refine: select and refine N times"
-    )
-    parser.add_argument(
-        "--order-search",
-        action="store_true",
-        help="with --refine: harden each pair of layers' occlusion where it explains better",
-    )
-    parser.add_argument(
-        "--residual-placement",
-        type=float,
-        default=0.0,
-        help="with --refine and --refine-rounds > 1: move empty layers onto residual peaks above "
-        "this value before each new selection",
-    )
+    add_refinement_arguments(parser)
     parser.add_argument(
         "--frozen",
         action="store_true",
@@ -287,14 +267,7 @@ def main() -> None:
         model.set_orientations(orientations, args.sizes)
     if args.placement is not None:
         model.set_placement_search(int(args.placement[0]), args.placement[1])
-    if args.refine is not None:
-        model.set_pose_refinement(
-            int(args.refine[0]),
-            args.refine[1],
-            args.refine_rounds,
-            args.order_search,
-            args.residual_placement,
-        )
+    apply_refinement(model, args)
     rows, scores = probe(model, args.data, args.first, args.count, args.batch_size)
     summary = [*scores.items(), *summarise(rows, model.sprites.n_sprites, args.min_pixels)]
     for name, value in summary:

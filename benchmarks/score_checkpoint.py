@@ -2,15 +2,17 @@
 
     python benchmarks/score_checkpoint.py --checkpoint weights/tetrominoes_fast.pt \
         --data data/convergence/tetrominoes.h5 --first 60500 --count 500 \
-        [--refine STEPS LR ROUNDS] [--order-search] [--residual-placement T]
+        [--pose-refinement STEPS] [--pose-refinement-lr LR] [--pose-refinement-rounds R] \
+        [--order-search] [--residual-placement T]
 
 Decomposes records ``first .. first+count`` of an HDF5 file of ``dti-sprites-data`` (with its
 ``mask`` and ``semantic`` label maps) with a checkpoint or weights file and prints ARI-FG (mean
 over images, the background pixels left out), mIoU and mACC (Hungarian-matched sprites, the
 background included), as ``benchmarks/convergence.py`` scores its held-out and test ranges
-(the same numbers on the same records). ``--refine`` etc. switch on the model's evaluation-time
-refinement (``DTISprites.set_pose_refinement``, docs/method.md §11): each overrides its own
-setting, the others stay the model's (its config's). Any dataset: `decomposition_probe.py` adds the
+(the same numbers on the same records). ``--pose-refinement`` etc. (``dti-sprites-decompose``'s
+options) switch on the model's evaluation-time refinement (``DTISprites.set_pose_refinement``,
+docs/method.md §11): each overrides its own setting, the others stay the model's (its
+config's). Any dataset: `decomposition_probe.py` adds the
 object-level diagnosis for Multi-dSprites.
 """
 
@@ -23,6 +25,7 @@ from pathlib import Path
 import h5py
 import torch
 
+from dti_sprites.decompose import add_refinement_arguments, apply_refinement
 from dti_sprites.metrics import SemanticScores, ari_per_image
 from dti_sprites.model import Decomposition, DTISprites
 
@@ -86,24 +89,11 @@ def main() -> None:
     parser.add_argument("--first", type=int, required=True)
     parser.add_argument("--count", type=int, default=500)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--refine", type=float, nargs=3, metavar=("STEPS", "LR", "ROUNDS"))
-    parser.add_argument("--order-search", action="store_true")
-    parser.add_argument("--residual-placement", type=float)
+    add_refinement_arguments(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = DTISprites.from_checkpoint(args.checkpoint).eval()
-    # each option overrides its own setting; the others stay the model's
-    settings = model.refinement_settings()
-    if args.refine:
-        steps, lr, rounds = args.refine
-        settings.update(
-            pose_refinement=int(steps), pose_refinement_lr=lr, pose_refinement_rounds=int(rounds)
-        )
-    if args.order_search:
-        settings["order_search"] = True
-    if args.residual_placement is not None:
-        settings["residual_placement"] = args.residual_placement
-    model.set_pose_refinement(*settings.values())
+    apply_refinement(model, args)  # each option over the model's own setting
     found = score(model, args.data, args.first, args.count)
     print(" ".join(f"{name} {value:.2f}" for name, value in found.items()))
 

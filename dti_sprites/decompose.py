@@ -276,7 +276,17 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:N")
-    refine = p.add_argument_group(
+    add_refinement_arguments(p)
+    return p
+
+
+def add_refinement_arguments(parser: argparse.ArgumentParser) -> None:
+    """The refinement-at-evaluation options, named after ``DTISprites``' init arguments
+    (``--pose-refinement STEPS``, ``--pose-refinement-lr``, ``--pose-refinement-rounds``,
+    ``--order-search`` / ``--no-order-search``, ``--residual-placement``); each left out keeps
+    the model's own setting (:func:`apply_refinement`). Shared by ``dti-sprites-decompose`` and
+    the benchmarks that score checkpoints."""
+    refine = parser.add_argument_group(
         "refinement at evaluation (docs/method.md §11; default: the model's config)"
     )
     refine.add_argument(
@@ -300,18 +310,15 @@ def parser() -> argparse.ArgumentParser:
         metavar="T",
         help="move empty layers onto residual peaks above T before each new selection",
     )
-    return p
 
 
-def refinement(model: DTISprites, args: argparse.Namespace) -> dict[str, float | int | bool]:
-    """Apply the command line's refinement options over the model's own and return the
-    settings in force (for ``predictions.h5``'s attributes)."""
+def apply_refinement(model: DTISprites, args: argparse.Namespace) -> dict[str, float | int | bool]:
+    """Apply the options of :func:`add_refinement_arguments` over the model's own settings
+    (each given option overrides its own; ValueError for a bad value) and return the settings
+    in force, by init argument name (``predictions.h5`` records them)."""
     settings = model.refinement_settings()
     settings.update({n: getattr(args, n) for n in settings if getattr(args, n) is not None})
-    try:
-        model.set_pose_refinement(*settings.values())
-    except ValueError as err:
-        raise DecomposeError(f"refinement options: {err}") from err
+    model.set_pose_refinement(*settings.values())
     return settings
 
 
@@ -324,11 +331,15 @@ def main(argv: list[str] | None = None) -> int:
         device = _device(args.device)
         keep_freed_memory()  # this process's large temporaries reuse freed memory
         model = load_model(args.ckpt, device)
+        try:
+            refinement = apply_refinement(model, args)
+        except ValueError as err:
+            raise DecomposeError(f"refinement options: {err}") from err
         attrs = {
             "checkpoint": str(args.ckpt),
             "input": str(args.input),
             "model_config": json.dumps(model.config),
-            "refinement": json.dumps(refinement(model, args)),
+            "refinement": json.dumps(refinement),
         }
         n = decompose(model, args.input, args.out, args.png, args.batch_size, attrs)
     except DecomposeError as err:

@@ -1,7 +1,9 @@
 #!/bin/bash
 # Pose refinement (50 Adam steps, lr 0.02, 3 rounds, order search, residual placement 0.05) on the 5,000-step checkpoints:
 # validation 20000-20499, then the test range 20500-20999 once.
-R="--refine 50 0.02 --refine-rounds 3 --order-search --residual-placement 0.05"
+# (the probe's spelling since commit "One spelling for the refinement options"; run as
+# --refine 50 0.02 --refine-rounds 3 --order-search --residual-placement 0.05)
+R="--pose-refinement 50 --pose-refinement-lr 0.02 --pose-refinement-rounds 3 --order-search --residual-placement 0.05"
 for run in o12 hfk; do for seed in 0 1; do
   for range in "val 20000" "test 20500"; do
     set -- $range
