@@ -3,7 +3,7 @@ import warnings
 import lightning as L
 import pytest
 import torch
-from small_model import SMALL_MODEL
+from small_model import SMALL_MODEL, quiet_trainer
 
 from dti_sprites.callbacks import (
     Curriculum,
@@ -246,6 +246,20 @@ class RefinementProbe(L.Callback):
         self.training.append(pl_module.model.refinement_settings())
 
 
+def refinement_trainer(tmp_path, callbacks, max_steps, sanity_steps=1):
+    """A quiet Trainer validating one batch every 2 steps (and ``sanity_steps`` first)."""
+    return quiet_trainer(
+        tmp_path,
+        max_epochs=None,
+        max_steps=max_steps,
+        val_check_interval=2,
+        check_val_every_n_epoch=None,
+        limit_val_batches=1,
+        num_sanity_val_steps=sanity_steps,
+        callbacks=callbacks,
+    )
+
+
 def test_validation_refinement_refines_only_from_its_step(tmp_path, squares):
     """Sanity check and the step-2 validation unrefined, steps 4 and 6 refined; the model's
     own settings everywhere else (training, test, the checkpoint's model after fit)."""
@@ -259,18 +273,7 @@ def test_validation_refinement_refines_only_from_its_step(tmp_path, squares):
     )
     module = DTISpritesModule(DTISprites(**{**MODEL, **own}), lr=1e-2)
     probe = RefinementProbe()
-    trainer = L.Trainer(
-        default_root_dir=tmp_path,
-        max_steps=6,
-        val_check_interval=2,
-        check_val_every_n_epoch=None,
-        limit_val_batches=1,
-        num_sanity_val_steps=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        callbacks=[ValidationRefinement(from_step=4), probe],
-    )
+    trainer = refinement_trainer(tmp_path, [ValidationRefinement(from_step=4), probe], 6)
     data = squares(n=8)
     trainer.fit(module, data)
     assert probe.validations == [
@@ -288,18 +291,7 @@ def test_validation_refinement_refines_only_from_its_step(tmp_path, squares):
 def test_validation_refinement_from_zero_changes_nothing(tmp_path, squares):
     module = DTISpritesModule(DTISprites(**{**MODEL, "pose_refinement": 2}), lr=1e-2)
     probe = RefinementProbe()
-    trainer = L.Trainer(
-        default_root_dir=tmp_path,
-        max_steps=2,
-        val_check_interval=2,
-        check_val_every_n_epoch=None,
-        limit_val_batches=1,
-        num_sanity_val_steps=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        callbacks=[ValidationRefinement(), probe],
-    )
+    trainer = refinement_trainer(tmp_path, [ValidationRefinement(), probe], 2)
     trainer.fit(module, squares(n=8))
     assert probe.validations == [(0, True, False), (2, True, False)]
 
@@ -310,15 +302,7 @@ def test_validation_refinement_warns_when_listed_before_the_eval_report(
 ):
     refinement, report = ValidationRefinement(from_step=1), EvalReport()
     callbacks = [refinement, report] if before_report else [report, refinement]
-    trainer = L.Trainer(
-        default_root_dir=tmp_path,
-        max_steps=1,
-        limit_val_batches=0,
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        callbacks=callbacks,
-    )
+    trainer = refinement_trainer(tmp_path, callbacks, 1, sanity_steps=0)
     module = DTISpritesModule(DTISprites(**MODEL), lr=1e-2)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -341,17 +325,7 @@ class StopAt(L.Callback):
 def test_validation_refinement_refines_the_validation_of_a_fit_stopped_early(tmp_path, squares):
     module = DTISpritesModule(DTISprites(**{**MODEL, "pose_refinement": 2}), lr=1e-2)
     probe = RefinementProbe()
-    trainer = L.Trainer(
-        default_root_dir=tmp_path,
-        max_steps=10,
-        val_check_interval=2,
-        check_val_every_n_epoch=None,
-        limit_val_batches=1,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        callbacks=[ValidationRefinement(from_step=10), StopAt(3), probe],
-    )
+    callbacks = [ValidationRefinement(from_step=10), StopAt(3), probe]
+    trainer = refinement_trainer(tmp_path, callbacks, 10, sanity_steps=0)
     trainer.fit(module, squares(n=8))
     assert probe.validations == [(2, False, False), (3, True, False)]
