@@ -31,6 +31,10 @@ draws the sprite bank (its CSV keeps the rows up to the checkpoint's step).
 state and random state) up to ``--steps``: variants of a schedule branch from one shared start
 and see the same batches until they differ: the shared steps run once, and the variants are
 compared pair by pair.
+A config whose model refines at evaluation (docs/method.md §11) and lists
+``ValidationRefinement`` refines only the row at ``--steps`` and the ``test`` row; add
+``-- --model.model.init_args.pose_refinement=0 --model.model.init_args.order_search=false`` for
+unrefined rows throughout (on a CPU a refined Multi-dSprites row takes minutes).
 ``--data`` (default: the config's file) is generated with ``--generate`` scenes when missing.
 Arguments after ``--`` go to the CLI, e.g. ``-- --model.lr=1e-3``.
 """

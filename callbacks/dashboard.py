@@ -141,14 +141,15 @@ class SpriteDashboard(ScheduledCallback):
         model = pl_module.model
         was_training = model.training
         model.eval()
-        sprites = sprite_figure(model, self.zoom)
-        if events:
-            timeline = [(e.step, e.kind) for e in events]
-            add_timeline(sprites, timeline, trainer.global_step)
-        figures = {"sprites": sprites, "backgrounds": background_figure(model, self.zoom)}
-        if self.images is not None:
-            images = self.images.to(pl_module.device)
-            figures["decompositions"] = decomposition_figure(model, images, self.zoom)
+        with model.unrefined():  # training's view: the network's own decomposition
+            sprites = sprite_figure(model, self.zoom)
+            if events:
+                timeline = [(e.step, e.kind) for e in events]
+                add_timeline(sprites, timeline, trainer.global_step)
+            figures = {"sprites": sprites, "backgrounds": background_figure(model, self.zoom)}
+            if self.images is not None:
+                images = self.images.to(pl_module.device)
+                figures["decompositions"] = decomposition_figure(model, images, self.zoom)
         model.train(was_training)
         usage_rows: list[list[Any]] = []
         usage = pl_module.usage_since(self._usage_base).cpu()  # (L, K0 + 1), since last drawing

@@ -288,12 +288,49 @@ def test_validation_refinement_refines_only_from_its_step(tmp_path, squares):
     assert probe.tests == [own]
 
 
-def test_validation_refinement_from_zero_changes_nothing(tmp_path, squares):
+@pytest.mark.parametrize(
+    "from_step, refined", [(None, [False, False, False, True]), (0, [False, True, True, True])]
+)
+def test_validation_refinement_by_default_refines_the_final_validation_only(
+    tmp_path, squares, from_step, refined
+):
+    """Default: max_steps; the sanity check is never refined; a standalone validate is."""
     module = DTISpritesModule(DTISprites(**{**MODEL, "pose_refinement": 2}), lr=1e-2)
     probe = RefinementProbe()
-    trainer = refinement_trainer(tmp_path, [ValidationRefinement(), probe], 2)
-    trainer.fit(module, squares(n=8))
-    assert probe.validations == [(0, True, False), (2, True, False)]
+    trainer = refinement_trainer(tmp_path, [ValidationRefinement(from_step), probe], 6)
+    data = squares(n=8)
+    trainer.fit(module, data)
+    steps = [0, 2, 4, 6]
+    assert probe.validations == [(t, r, False) for t, r in zip(steps, refined, strict=True)]
+    trainer.validate(module, data, verbose=False)
+    assert probe.validations[-1][1:] == (True, False)
+
+
+def test_validation_refinement_needs_max_steps_by_default(tmp_path, squares):
+    module = DTISpritesModule(DTISprites(**MODEL), lr=1e-2)
+    trainer = quiet_trainer(tmp_path, max_epochs=1, callbacks=[ValidationRefinement()])
+    with pytest.raises(ValueError, match="max_steps is not set"):
+        trainer.fit(module, squares(n=8))
+
+
+class FailAt(L.Callback):
+    """Raises in the first batch of the validation at step ``step``."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if trainer.global_step == self.step and not trainer.sanity_checking:
+            raise RuntimeError("failed validation")
+
+
+def test_validation_refinement_puts_the_settings_back_after_an_error(tmp_path, squares):
+    module = DTISpritesModule(DTISprites(**{**MODEL, "pose_refinement": 2}), lr=1e-2)
+    own = module.model.refinement_settings()
+    trainer = refinement_trainer(tmp_path, [ValidationRefinement(), FailAt(2)], 6)
+    with pytest.raises(RuntimeError, match="failed validation"):
+        trainer.fit(module, squares(n=8))
+    assert module.model.refinement_settings() == own
 
 
 @pytest.mark.parametrize("before_report", [True, False])

@@ -1,3 +1,4 @@
+import argparse
 import json
 
 import h5py
@@ -9,7 +10,7 @@ from PIL import Image
 from small_model import SMALL_MODEL, quiet_trainer
 from torch.utils.data import DataLoader
 
-from dti_sprites.decompose import main
+from dti_sprites.decompose import add_refinement_arguments, apply_refinement, main
 from dti_sprites.io import partial_path
 from dti_sprites.model import DTISprites
 from dti_sprites.module import DTISpritesModule
@@ -216,3 +217,31 @@ def test_refinement_options_override_the_models_and_are_recorded(tmp_path, ckpt,
         assert not np.array_equal(f["reconstruction"][:], refined["reconstruction"])
     assert main([*argv, "--pose-refinement-rounds", "0"]) == 1
     assert "pose_refinement_rounds" in capsys.readouterr().err
+
+
+def test_refinement_options_override_only_their_own_setting():
+    """On a model that refines already: one option changes its setting, the rest stay."""
+    torch.manual_seed(0)
+    model = DTISprites(
+        image_size=16,
+        n_sprites=2,
+        n_layers=1,
+        sprite_size=8,
+        pose_refinement=7,
+        order_search=True,
+        residual_placement=0.1,
+    )
+    parser = argparse.ArgumentParser()
+    add_refinement_arguments(parser)
+    settings = apply_refinement(model, parser.parse_args(["--pose-refinement-rounds", "2"]))
+    expected = dict(
+        pose_refinement=7,
+        pose_refinement_lr=0.02,
+        pose_refinement_rounds=2,
+        order_search=True,
+        residual_placement=0.1,
+    )
+    assert settings == expected == model.refinement_settings()
+    apply_refinement(model, parser.parse_args(["--no-order-search", "--residual-placement", "0"]))
+    assert not model.order_search and model.residual_placement == 0.0
+    assert model.pose_refinement == 7 and model.pose_refinement_rounds == 2
