@@ -634,9 +634,12 @@ class DTISprites(nn.Module):
         """Move the empty layers (B, L) onto the residual's peaks (:meth:`set_pose_refinement`).
 
         image (B, C, H, W); residual (B, H, W); layer_p per module (B·L, P). A moved layer
-        keeps its scale; its canvas centre goes to the peak pixel and, with a ``color`` layer
-        transformation, it is drawn flat in the image's colour there (a = −1, b = colour,
-        3×3 mean). Each peak then blanks a disc around it, of radius a tenth of the image size.
+        takes the median scale of its image's drawn (non-empty) layers (the network gives a
+        layer it leaves empty any scale, mostly a canvas the size of the image, which no
+        sprite then fits; with no drawn layer in the image it keeps its own); its canvas
+        centre goes to the peak pixel and, with a ``color`` layer transformation, it is drawn
+        flat in the image's colour there (a = −1, b = colour, 3×3 mean). Each peak then
+        blanks a disc around it, of radius a tenth of the image size.
         """
         b, n_layers = empty.shape
         size, ip = self.image_size, self._position_index()
@@ -653,14 +656,14 @@ class DTISprites(nn.Module):
         position = layer_p[ip].view(b, n_layers, -1).clone()  # (B, L, 3)
         colour = None if ic is None else layer_p[ic].view(b, n_layers, -1).clone()  # (B, L, 6)
         rows = torch.arange(b, device=image.device)
+        drawn_s = position[..., 0].masked_fill(empty, float("nan")).nanmedian(1).values  # (B,)
         for layer in range(n_layers):
             peak, index = heat.flatten(1).max(1)  # (B,)
             go = empty[:, layer] & (peak > self.residual_placement)  # (B,)
             y, x = index.div(size, rounding_mode="floor"), index % size
             target = torch.stack([coords[x], coords[y]], 1)  # (B, 2)
-            s = position[:, layer, :1]  # (B, 1)
-            centre = -position[:, layer, 1:] / (1 + s.exp())  # (B, 2)
-            moved = PositionTransform.shifted(position[:, layer], target - centre)
+            s = torch.where(drawn_s.isnan(), position[:, layer, 0], drawn_s)[:, None]  # (B, 1)
+            moved = torch.cat([s, -target * (1 + s.exp())], 1)  # canvas centre −t / scale
             position[:, layer] = torch.where(go[:, None], moved, position[:, layer])
             if colour is not None:
                 flat = torch.cat(

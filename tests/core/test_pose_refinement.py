@@ -68,6 +68,32 @@ def test_an_empty_layer_is_moved_onto_the_object_no_layer_drew():
     assert right == pytest.approx(-6, abs=0.3) and down == pytest.approx(-6, abs=0.3)
 
 
+def test_a_placed_layer_takes_the_drawn_layers_median_scale():
+    """The network gives an empty layer any scale (here a canvas the size of the image, s ≪ 0):
+    placed, it takes the median of its image's drawn layers (its own where none is drawn),
+    with its canvas centre on the residual's peak."""
+    model = square_model(n_layers=4, empty_sprite=True)
+    residual = torch.zeros(2, 20, 20)
+    residual[:, 2:7, 13:18] = 1.0  # its 5×5 mean peaks at row 4, column 15 in both images
+    empty = torch.tensor([[False, False, False, True], [True, True, True, True]])
+    position = torch.tensor(
+        [[0.2, 0.0, 0.0], [0.6, 0.1, 0.1], [0.4, -0.1, 0.0], [-8.0, 0.0, 0.0]]
+    ).repeat(2, 1)  # (B·L, 3)
+    assert model.layer_transforms.names == ["color", "position"]
+    layer_p = [torch.zeros(8, 6), position]  # (B·L, P) each
+    image = torch.zeros(2, 3, 20, 20)
+    moved = model._place_on_residual(image, residual, empty, layer_p)[model._position_index()]
+    moved = moved.view(2, 4, 3)
+    assert moved[0, 3, 0].item() == pytest.approx(0.4)  # the median of 0.2, 0.6 and 0.4
+    assert moved[1, 0, 0].item() == pytest.approx(0.2)  # no drawn layer: its own
+    torch.testing.assert_close(moved[0, :3], position.view(2, 4, 3)[0, :3])  # drawn: unmoved
+    for b, layer in [(0, 3), (1, 0)]:
+        s, tx, ty = moved[b, layer].tolist()
+        scale = 1 + torch.tensor(s).exp().item()
+        centre = (-tx / scale, -ty / scale)  # normalised (x, y) of the canvas centre
+        assert centre == pytest.approx(((15 * 2 + 1) / 20 - 1, (4 * 2 + 1) / 20 - 1))
+
+
 def test_training_is_never_refined_and_zero_steps_switch_it_off():
     image = scene(1.3, -0.6)
     model = square_model(pose_refinement=50).train()
