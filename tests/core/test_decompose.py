@@ -222,15 +222,8 @@ def test_refinement_options_override_the_models_and_are_recorded(tmp_path, ckpt,
 def test_refinement_options_override_only_their_own_setting():
     """On a model that refines already: one option changes its setting, the rest stay."""
     torch.manual_seed(0)
-    model = DTISprites(
-        image_size=16,
-        n_sprites=2,
-        n_layers=1,
-        sprite_size=8,
-        pose_refinement=7,
-        order_search=True,
-        residual_placement=0.1,
-    )
+    refining = dict(pose_refinement=7, order_search=True, residual_placement=0.1)
+    model = DTISprites(**{**SMALL_MODEL, **refining})
     parser = argparse.ArgumentParser()
     add_refinement_arguments(parser)
     settings = apply_refinement(model, parser.parse_args(["--pose-refinement-rounds", "2"]))
