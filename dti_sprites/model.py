@@ -663,7 +663,7 @@ class DTISprites(nn.Module):
             y, x = index.div(size, rounding_mode="floor"), index % size
             target = torch.stack([coords[x], coords[y]], 1)  # (B, 2)
             s = torch.where(drawn_s.isnan(), position[:, layer, 0], drawn_s)[:, None]  # (B, 1)
-            moved = torch.cat([s, -target * (1 + s.exp())], 1)  # canvas centre −t / scale
+            moved = PositionTransform.centred(s, target)  # (B, 3)
             position[:, layer] = torch.where(go[:, None], moved, position[:, layer])
             if colour is not None:
                 flat = torch.cat(
@@ -1085,8 +1085,7 @@ class DTISprites(nn.Module):
         ip = self._position_index()
         if layer_p[ip] is None:  # position inactive: the initial placement
             return layer_p
-        s = layer_p[ip][..., :1]  # (B, L, 1)
-        position = torch.cat([s, -(1 + s.exp()) * centre], -1)  # (B, L, 3)
+        position = PositionTransform.centred(layer_p[ip][..., :1], centre)  # (B, L, 3)
         return [position if i == ip else p for i, p in enumerate(layer_p)]
 
     def _selected_params(self, layer_p, sprite_p, bg_p, bg_choice, b) -> dict[str, Tensor]:

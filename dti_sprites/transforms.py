@@ -120,6 +120,13 @@ class PositionTransform(AffineFamily):
         s, t = params[:, :1], params[:, 1:]  # (N, 1), (N, 2)
         return torch.cat([s, t - (1 + s.exp()) * offsets], 1)
 
+    @staticmethod
+    def centred(s: Tensor, centre: Tensor) -> Tensor:
+        """The parameters (…, 3) that draw the canvas at scale parameter ``s`` (…, 1) with its
+        centre at ``centre`` (…, 2), (x, y) in the image's normalised coordinates: the centre
+        lands at −t / scale, so t = −scale · centre."""
+        return torch.cat([s, -(1 + s.exp()) * centre], -1)
+
 
 class SimilarityTransform(AffineFamily):
     """θ = [[1+a, −b, tx], [b, 1+a, ty]] (P = 4)."""
