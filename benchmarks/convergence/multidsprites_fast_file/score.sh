@@ -3,7 +3,8 @@
 # per-250-step rows unrefined): both seeds' 5,000-step checkpoints scored with the file's own
 # refinement at evaluation (50 Adam steps, lr 0.02, 3 rounds, order search, residual placement
 # 0.05) by the decomposition probe, validation 20000-20499 first, then the test range
-# 20500-20999 once. Outputs: <range>_seed<S>/ (summary.csv, objects.csv) and score.log.
+# 20500-20999 once. Outputs: <range>_seed<S>/ (summary.csv, objects.csv); the scores on stdout
+# (kept as score_seed<S>.log).
 # Usage: score.sh [SEED ...] (default: 0 1); THREADS=1 beside a training (default 2).
 set -e
 R="--pose-refinement 50 --pose-refinement-lr 0.02 --pose-refinement-rounds 3 --order-search --residual-placement 0.05"
